@@ -1,0 +1,1 @@
+"""lit-moe: Mixture-of-Experts Transformer LMs trained with PyTorch Lightning."""
