@@ -1,0 +1,96 @@
+"""lit-moe command line: LightningCLI `fit`, `validate`, `test` (+ `--print_config`).
+
+    python cli.py fit --config conf/tiny.yaml
+    python cli.py fit --config conf/tiny.yaml --ckpt_path last      # resume
+    python cli.py validate --config conf/tiny.yaml --ckpt_path checkpoints/tiny/last.ckpt
+
+The installed console script `lit-moe` is the same program.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+from callbacks.mlflow_utils import log_text_artifact
+from lit_moe.data import LMDataModule
+from lit_moe.errors import ConfigError
+from lit_moe.module import LitMoE
+
+# Every run is tracked in MLflow by default: an embedded SQLite store in the working
+# directory (open it with `mlflow ui --backend-store-uri sqlite:///mlflow.db`).
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+        "init_args": {"experiment_name": "lit-moe", "tracking_uri": "sqlite:///mlflow.db"},
+    },
+}
+
+
+class MLflowConfigCallback(SaveConfigCallback):
+    """Logs the fully resolved config YAML as the MLflow artifact `config.yaml`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # noqa: ANN001 (Lightning's signature)
+        log_text_artifact(trainer, self.parser.dump(self.config, skip_none=False), "config.yaml")
+
+
+def _check_writable(directory: str, what: str, fix: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-test-{uuid.uuid4().hex}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"{what} '{directory}' is not writable ({err.strerror or err}); {fix}.") from err
+
+
+class LitMoECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
+        # The data module owns sequence length and tokenizer; the model follows them.
+        parser.link_arguments("data.seq_len", "model.config.seq_len")
+        parser.link_arguments("data.vocab_size_padded", "model.config.vocab_size", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        """Refuse unwritable output locations before any work is done."""
+        trainer = self.trainer
+        _check_writable(trainer.default_root_dir, "trainer.default_root_dir", "set --trainer.default_root_dir")
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                _check_writable(callback.dirpath, "checkpoint directory",
+                                "set the ModelCheckpoint dirpath in the config to a writable directory")
+        for logger in trainer.loggers:
+            uri = getattr(logger, "_tracking_uri", None)
+            if isinstance(logger, MLFlowLogger) and uri and uri.startswith("sqlite:///"):
+                _check_writable(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) or ".",
+                                "MLflow store directory", "set --trainer.logger.init_args.tracking_uri")
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        LitMoECLI(
+            LitMoE,
+            LMDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=MLflowConfigCallback,
+            args=args,
+        )
+    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
+        if os.environ.get("LIT_MOE_DEBUG"):
+            raise
+        print(f"error: {err}\n(set LIT_MOE_DEBUG=1 to see the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""Errors that mean "the user asked for something that cannot work" (as opposed to bugs).
+
+The CLI turns these into one clear message and a non-zero exit instead of a traceback.
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user can fix; the message says how."""

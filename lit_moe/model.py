@@ -1,0 +1,191 @@
+"""Decoder-only MoE Transformer in plain PyTorch (no Lightning, MLflow or lm-eval here).
+
+Block: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x)), where MLP is a dense SwiGLU for the
+first `n_dense_layers` blocks and an MoE layer (router + experts + dispatch) after that.
+Attention is causal multi-head self-attention with rotary position embeddings (RoPE) through
+`F.scaled_dot_product_attention`.
+
+Initialisation (documented because it matters for reproducing runs): every weight matrix and
+the embedding are N(0, init_std); the two residual-branch output projections (attention
+`proj`, MLP/expert `down`) use init_std / sqrt(2 · n_layers) so the residual stream's variance
+does not grow with depth (GPT-2); router gates use init_std too; RMSNorm gains start at 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_moe.errors import ConfigError
+from lit_moe.moe.experts import DenseSwiGLU, SwiGLUExperts
+from lit_moe.moe.layer import MoELayer
+from lit_moe.moe.router import Router
+
+
+def _default_router() -> dict[str, Any]:
+    return {"class_path": "lit_moe.moe.TopKRouter", "init_args": {"top_k": 2}}
+
+
+@dataclass
+class ModelConfig:
+    """Model hyperparameters; LightningCLI fills this from YAML (`model.config.*`).
+
+    Components (`router`, `experts`, `dispatch`) are `{class_path, init_args}` specs.
+    `vocab_size` is linked from the data module's tokenizer by the CLI.
+    """
+
+    vocab_size: int = 8192
+    seq_len: int = 256
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    n_dense_layers: int = 0
+    dense_hidden: int = 512
+    num_experts: int = 8
+    expert_hidden: int = 256
+    router: dict[str, Any] = field(default_factory=_default_router)
+    experts: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.SwiGLUExperts"})
+    dispatch: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.SortedDispatch"})
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "num_experts", "expert_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.config.{name} must be ≥ 1, got {getattr(self, name)}.")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size "
+                              f"(RoPE rotates pairs of dimensions).")
+        if not 0 <= self.n_dense_layers <= self.n_layers:
+            raise ConfigError(f"n_dense_layers={self.n_dense_layers} must be between 0 and n_layers={self.n_layers}.")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        # Non-persistent: recomputed from the config, so checkpoints hold only learned weights.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, H, S, Dh]; rotates (even, odd) halves by position-dependent angles."""
+        seq = x.shape[-2]
+        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.seq_len, cfg.rope_theta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = self.rope(q), self.rope(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp: nn.Module
+        if moe:
+            self.mlp = MoELayer(cfg.d_model, cfg.expert_hidden, cfg.num_experts, cfg.router, cfg.experts, cfg.dispatch)
+        else:
+            self.mlp = DenseSwiGLU(cfg.d_model, cfg.dense_hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, SwiGLUExperts):
+                module.reset_parameters(std, out_std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=out_std)
+            if isinstance(block.mlp, DenseSwiGLU):
+                nn.init.normal_(block.mlp.down.weight, std=out_std)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx: [B, S] token ids → logits [B, S, vocab] (fp32 for a stable cross-entropy)."""
+        if idx.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's seq_len {self.cfg.seq_len}.")
+        x = self.tok_emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x)).float()
+
+    # -- interface for the LightningModule and callbacks ---------------------------------
+    def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
+        """(block index, MoE layer) pairs, in depth order."""
+        for i, block in enumerate(self.blocks):
+            if isinstance(block.mlp, MoELayer):
+                yield i, block.mlp
+
+    def routers(self) -> Iterator[tuple[int, Router]]:
+        for i, layer in self.moe_layers():
+            yield i, layer.router
+
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Each aux loss from the last forward, averaged over MoE layers (unweighted)."""
+        sums: dict[str, Tensor] = {}
+        count = 0
+        for _, router in self.routers():
+            count += 1
+            for name, value in router.aux_losses.items():
+                sums[name] = sums.get(name, 0.0) + value
+        return {name: value / count for name, value in sums.items()}
+
+    def weighted_aux_loss(self) -> Tensor | float:
+        """Sum of the routers' weighted aux losses, averaged over MoE layers (METHODS §1)."""
+        losses = [router.weighted_aux_loss() for _, router in self.routers()]
+        return torch.stack(losses).mean() if losses else 0.0
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters and the parameters one token activates (embedding counted once)."""
+        total = sum(p.numel() for p in self.parameters())
+        active = total
+        for _, layer in self.moe_layers():
+            expert_params = sum(p.numel() for p in layer.experts.parameters())
+            share = layer.router.expected_active_experts() / layer.experts.num_experts
+            active -= expert_params - int(expert_params * share)
+        return {"total": total, "active": active}

@@ -1,0 +1,56 @@
+"""Dispatch: route tokens to experts given a sparse weight tensor, and combine the outputs.
+
+`weights` [T, E] has zeros for unused experts; any number of experts per token is allowed
+(top-k uses exactly k, SoftMoE 1..m), so one representation serves every router.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lit_moe.moe.experts import Experts
+
+
+class Dispatch(nn.Module):
+    """Base class: forward(x [T, d], weights [T, E], experts) → y [T, d]."""
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Experts) -> Tensor:
+        raise NotImplementedError
+
+
+class SortedDispatch(Dispatch):
+    """Dropless grouped dispatch (the fast path).
+
+    1. the non-zero (token, expert) pairs, taken from weightsᵀ so they come out already
+       grouped by expert (no separate sort);
+    2. gather their inputs and run each expert's group as one matmul chain
+       (`Experts.forward`: split loop on CPU, `torch._grouped_mm` on CUDA/bf16);
+    3. scale by the pair's weight and scatter-add back to tokens.
+    """
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Experts) -> Tensor:
+        expert_idx, token_idx = weights.t().nonzero(as_tuple=True)
+        counts = torch.bincount(expert_idx, minlength=weights.shape[1])
+        pair_weight = weights[token_idx, expert_idx]
+        y = experts(x[token_idx], counts)
+        y = y * pair_weight.unsqueeze(1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token_idx, y.to(x.dtype))
+
+
+class LoopDispatch(Dispatch):
+    """Plain reference: for each expert, mask its tokens and add its weighted output.
+
+    Written independently of `SortedDispatch` (no pair list, no grouped call) so that tests
+    can check the fast path against it.
+    """
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Experts) -> Tensor:
+        out = torch.zeros_like(x)
+        for e in range(weights.shape[1]):
+            rows = (weights[:, e] != 0).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            contribution = weights[rows, e].unsqueeze(1) * experts.expert_forward(e, x[rows]).float()
+            out = out.index_add(0, rows, contribution.to(x.dtype))
+        return out

@@ -1,0 +1,120 @@
+"""Routers: map token hidden states to a sparse routing-weight tensor [tokens, E].
+
+Every router returns the same representation — a dense [T, E] tensor whose zeros mark
+experts a token does not use — so dispatch and experts never branch on the router type.
+Each router owns its auxiliary losses (`aux_losses`, unweighted, from the last forward) and
+their weights; the model sums `weighted_aux_loss()` over layers. No global state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_moe.errors import ConfigError
+
+
+def switch_load_balance_loss(logits: Tensor, assigned: Tensor) -> Tensor:
+    """Switch Transformer balance loss E · Σ_e f_e · P_e (METHODS §1).
+
+    f_e: fraction of (token, expert) assignments that went to e (non-differentiable);
+    P_e: mean router probability softmax(z)_e over tokens (carries the gradient).
+    """
+    num_experts = logits.shape[-1]
+    counts = assigned.sum(dim=0, dtype=torch.float32)
+    f = counts / counts.sum().clamp_min(1.0)
+    p = torch.softmax(logits, dim=-1).mean(dim=0)
+    return num_experts * torch.dot(f, p)
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """Mean over tokens of (logsumexp z)²: keeps router logits from drifting large."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    """Base class: a linear gate (no bias, fp32 logits) plus the two standard aux losses.
+
+    Subclasses implement `route(logits) -> (weights, assigned)`, where `assigned` is the
+    boolean [T, E] mask of the assignments the router *chose* (before any capacity drop),
+    which is what the load-balancing loss counts.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, lb_weight: float = 1e-2, z_weight: float = 1e-3):
+        super().__init__()
+        if num_experts < 1:
+            raise ConfigError(f"num_experts must be ≥ 1, got {num_experts}.")
+        if lb_weight < 0 or z_weight < 0:
+            raise ConfigError(f"aux-loss weights must be ≥ 0 (lb_weight={lb_weight}, z_weight={z_weight}).")
+        self.num_experts = num_experts
+        self.lb_weight = lb_weight
+        self.z_weight = z_weight
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.aux_losses: dict[str, Tensor] = {}
+
+    def compute_logits(self, x: Tensor) -> Tensor:
+        # fp32 logits even under bf16 autocast: top-k/softmax decisions are sensitive to rounding.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.gate.weight.float())
+
+    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def expected_active_experts(self) -> float:
+        """Experts a token uses on average by design (for active-parameter and FLOP counts)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [T, d] → routing weights [T, E] (fp32; zeros = expert unused)."""
+        logits = self.compute_logits(x)
+        weights, assigned = self.route(logits)
+        self.aux_losses = {
+            "load_balance": switch_load_balance_loss(logits, assigned),
+            "z_loss": router_z_loss(logits),
+        }
+        return weights
+
+    def weighted_aux_loss(self) -> Tensor:
+        return self.lb_weight * self.aux_losses["load_balance"] + self.z_weight * self.aux_losses["z_loss"]
+
+
+class TopKRouter(Router):
+    """Baseline router: top-k logits, softmax over the k winners (Mixtral style).
+
+    capacity_factor=None is dropless. With a capacity factor c each expert takes at most
+    ceil(c · T · k / E) tokens, in token order (as in Switch); overflow assignments are
+    dropped (weight 0, the token passes through the residual only for that expert) and
+    counted in `dropped` (a device tensor; no host sync).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, capacity_factor: float | None = None,
+                 lb_weight: float = 1e-2, z_weight: float = 1e-3):
+        super().__init__(d_model, num_experts, lb_weight=lb_weight, z_weight=z_weight)
+        if not 1 <= top_k <= num_experts:
+            raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts}); "
+                              f"lower router.init_args.top_k or raise model.config.num_experts.")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ConfigError(f"capacity_factor must be > 0 or null (dropless), got {capacity_factor}.")
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.register_buffer("dropped", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def expected_active_experts(self) -> float:
+        return float(self.top_k)
+
+    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        top_vals, top_idx = logits.topk(self.top_k, dim=-1)
+        weights = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_vals, dim=-1))
+        assigned = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, True)
+        if self.capacity_factor is not None:
+            tokens = logits.shape[0]
+            capacity = math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
+            # Position of each token in its expert's queue (token order = priority).
+            position = torch.cumsum(assigned, dim=0) - 1
+            keep = assigned & (position < capacity)
+            self.dropped = (assigned & ~keep).sum()
+            weights = weights * keep
+        return weights, assigned

@@ -1,0 +1,150 @@
+"""Router, experts, dispatch: fast path vs reference, aux losses by hand, capacity dropping."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lit_moe.components import build_component
+from lit_moe.errors import ConfigError
+from lit_moe.moe import LoopDispatch, Router, SortedDispatch, SwiGLUExperts, TopKRouter
+from lit_moe.moe.layer import MoELayer
+
+
+def _grads(dispatch, x, weights, experts):
+    x = x.clone().requires_grad_()
+    weights = weights.clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    y = dispatch(x, weights, experts)
+    # A non-uniform upstream gradient so every output element matters.
+    # (The zero term keeps every input in the graph when no pair is routed at all.)
+    anchor = x.sum() + weights.sum() + sum(p.sum() for p in experts.parameters())
+    ((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + 0 * anchor).backward()
+    return y.detach(), x.grad, weights.grad, [p.grad.clone() for p in experts.parameters()]
+
+
+def _assert_same(fast, ref):
+    for a, b in zip(fast[:3], ref[:3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast[3], ref[3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(0, 40), num_experts=st.integers(1, 9), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_dispatch_matches_reference_on_arbitrary_sparse_weights(tokens, num_experts, density, seed):
+    """Any number of experts per token (0..E), idle experts, empty batches: fast == loop."""
+    gen = torch.Generator().manual_seed(seed)
+    # d=8, h=4: 16-byte aligned, so the grouped kernel runs (6/5 would take the split loop).
+    experts = SwiGLUExperts(8, 4, num_experts)
+    x = torch.randn(tokens, 8, generator=gen)
+    mask = torch.rand(tokens, num_experts, generator=gen) < density
+    weights = torch.rand(tokens, num_experts, generator=gen) * mask
+    _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (64, 2), (4, 4), (5, 1)])
+def test_dispatch_matches_reference_for_topk_routing(num_experts, top_k):
+    torch.manual_seed(0)
+    router = TopKRouter(16, num_experts, top_k=top_k)
+    experts = SwiGLUExperts(16, 12, num_experts)
+    x = torch.randn(300, 16)
+    weights = router(x).detach()
+    assert torch.equal((weights > 0).sum(1), torch.full((300,), top_k))
+    _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))
+
+
+def test_dispatch_split_loop_path_matches_reference(monkeypatch):
+    """The non-grouped fallback (old torch / other devices) is checked too."""
+    import lit_moe.moe.experts as experts_module
+
+    monkeypatch.setattr(experts_module, "_use_grouped_mm", lambda x, hidden: False)
+    torch.manual_seed(1)
+    experts = SwiGLUExperts(8, 6, 5)
+    x = torch.randn(50, 8)
+    weights = torch.rand(50, 5) * (torch.rand(50, 5) < 0.4)
+    _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))
+
+
+def test_topk_weights_are_softmax_over_winners():
+    router = TopKRouter(2, 4, top_k=2)
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    weights, assigned = router.route(logits)
+    e = math.exp(1.0)  # softmax over (3, 2)
+    torch.testing.assert_close(weights, torch.tensor([[0.0, e / (1 + e), 1 / (1 + e), 0.0]]))
+    assert assigned.tolist() == [[False, True, True, False]]
+
+
+def test_aux_losses_on_hand_made_logits():
+    """E=2, top-1, both tokens pick expert 1: f=(0,1), P=(1/4,3/4) → LB = 2·3/4; z = (log 4)²."""
+    router = TopKRouter(2, 2, top_k=1)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]]))
+    router(torch.tensor([[1.0, 0.0], [1.0, 5.0]]))
+    torch.testing.assert_close(router.aux_losses["load_balance"], torch.tensor(1.5))
+    torch.testing.assert_close(router.aux_losses["z_loss"], torch.tensor(math.log(4.0) ** 2))
+    assert router.weighted_aux_loss().item() == pytest.approx(0.01 * 1.5 + 0.001 * math.log(4.0) ** 2)
+
+
+def test_balanced_routing_gives_unit_load_balance_loss():
+    """Uniform probabilities and uniform assignment → LB = E · Σ (1/E)(1/E) = 1."""
+    router = TopKRouter(4, 4, top_k=1)
+    logits = torch.zeros(8, 4)
+    assigned = torch.eye(4, dtype=torch.bool).repeat(2, 1)
+    from lit_moe.moe.router import switch_load_balance_loss
+    assert switch_load_balance_loss(logits, assigned).item() == pytest.approx(1.0)
+    assert router.expected_active_experts() == 1.0
+
+
+def test_capacity_factor_drops_and_counts_overflow():
+    """4 tokens all choose expert 0; capacity = ceil(1.0·4·1/2) = 2 → the last 2 are dropped."""
+    router = TopKRouter(2, 2, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    weights = router(torch.ones(4, 2))
+    assert router.dropped.item() == 2
+    assert weights[:, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    # Dropless default never drops.
+    dropless = TopKRouter(2, 2, top_k=1)
+    dropless.load_state_dict(router.state_dict())
+    assert (dropless(torch.ones(4, 2))[:, 0] == 1.0).all() and dropless.dropped.item() == 0
+
+
+def test_invalid_router_settings_are_refused():
+    with pytest.raises(ConfigError, match="top_k=9"):
+        TopKRouter(4, 8, top_k=9)
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        TopKRouter(4, 8, capacity_factor=0.0)
+
+
+def test_components_from_class_path_specs():
+    router = build_component({"class_path": "lit_moe.moe.TopKRouter", "init_args": {"top_k": 3}}, Router, "router", 4, 8)
+    assert isinstance(router, TopKRouter) and router.top_k == 3
+    with pytest.raises(ConfigError, match="has no class 'TopKRoutr'"):
+        build_component({"class_path": "lit_moe.moe.TopKRoutr"}, Router, "router", 4, 8)
+    with pytest.raises(ConfigError, match=r"no option\(s\) \['topk'\].*top_k"):
+        build_component({"class_path": "lit_moe.moe.TopKRouter", "init_args": {"topk": 2}}, Router, "router", 4, 8)
+    with pytest.raises(ConfigError, match="not a Router subclass"):
+        build_component("lit_moe.moe.SwiGLUExperts", Router, "router", 4, 8)
+    with pytest.raises(ConfigError, match="cannot import module"):
+        build_component("nowhere.Router", Router, "router", 4, 8)
+
+
+def test_moe_layer_equals_manual_weighted_sum_of_experts():
+    """y_t = Σ_e w_te · Expert_e(x_t), computed token by token without dispatch."""
+    torch.manual_seed(3)
+    layer = MoELayer(8, 6, 4, {"class_path": "lit_moe.moe.TopKRouter"}, {"class_path": "lit_moe.moe.SwiGLUExperts"},
+                     {"class_path": "lit_moe.moe.SortedDispatch"})
+    x = torch.randn(2, 5, 8)
+    y = layer(x)
+    logits = x.reshape(-1, 8) @ layer.router.gate.weight.T
+    ex = layer.experts
+    for t, xt in enumerate(x.reshape(-1, 8)):
+        vals, idx = logits[t].topk(2)
+        w = torch.softmax(vals, 0)
+        expected = sum(w[j] * (torch.nn.functional.silu(xt @ ex.w_gate[e]) * (xt @ ex.w_up[e])) @ ex.w_down[e]
+                       for j, e in enumerate(idx.tolist()))
+        torch.testing.assert_close(y.reshape(-1, 8)[t], expected, atol=1e-6, rtol=1e-5)
