@@ -61,6 +61,14 @@ class LitMoECLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.config.seq_len")
         parser.link_arguments("data.vocab_size_padded", "model.config.vocab_size", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
+        # jsonargparse resolves class_paths while merging configs (to drop options of a
+        # replaced class); a misspelled class surfaces there as an import error.
+        try:
+            super().parse_arguments(parser, args)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"invalid configuration: {err}. Check the class_path spelling.") from err
+
     def before_fit(self) -> None:
         """Refuse unwritable output locations before any work is done."""
         trainer = self.trainer

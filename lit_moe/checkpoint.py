@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -32,7 +33,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tupl
     if not tokenizer_json:
         raise ConfigError(f"checkpoint '{path}' carries no tokenizer; re-save it from a run that used "
                           f"lit_moe.data.LMDataModule (which stores tokenizer.json in the checkpoint).")
-    module = LitMoE(**checkpoint["hyper_parameters"])
+    # LightningCLI adds bookkeeping keys (e.g. `_instantiator`); keep only LitMoE's own arguments.
+    accepted = inspect.signature(LitMoE.__init__).parameters
+    module = LitMoE(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
     module.load_state_dict(checkpoint["state_dict"])
     module.tokenizer_json = tokenizer_json
     module.to(map_location).eval()

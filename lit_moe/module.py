@@ -98,11 +98,12 @@ class LitMoE(L.LightningModule):
                               f"min_lr_ratio={min_lr_ratio} (in [0,1]), decay_fraction={decay_fraction} (in (0,1]).")
         if schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"schedule must be 'cosine', 'wsd' or 'constant', got {schedule!r}.")
-        self.save_hyperparameters(ignore=["config"])
-        # Plain data in the checkpoint (no pickled dataclass) so it loads with weights_only.
-        self.hparams["config"] = dataclasses.asdict(config)
         self.config = config
-        self.model = Transformer(config)
+        # Hyperparameters hold the config as plain data (no pickled dataclass), so checkpoints
+        # load with weights_only and loggers flatten it (`config/num_experts`, ...).
+        config = dataclasses.asdict(config)  # noqa: F841 (read by save_hyperparameters from this frame)
+        self.save_hyperparameters()
+        self.model = Transformer(self.config)
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity()
         self.tokenizer_json: str | None = None
