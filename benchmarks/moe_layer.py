@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--d_model", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    torch.set_flush_denormal(True)  # as LitMoE does on CPU
     torch.manual_seed(0)
     for num_experts, hidden, top_k in [(8, 1024, 2), (64, 256, 2)]:
         moe = MoELayer(args.d_model, hidden, num_experts,
