@@ -1,5 +1,6 @@
 """Plug-in Lightning callbacks for lit-moe runs."""
 
+from callbacks.expert_budget import ExpertBudgetCallback
 from callbacks.run_info import RunInfoCallback, TokenThroughputMonitor
 
-__all__ = ["RunInfoCallback", "TokenThroughputMonitor"]
+__all__ = ["ExpertBudgetCallback", "RunInfoCallback", "TokenThroughputMonitor"]

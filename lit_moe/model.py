@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_moe.budget import GlobalExpertBudget
 from lit_moe.errors import ConfigError
 from lit_moe.moe.experts import DenseSwiGLU, SwiGLUExperts
 from lit_moe.moe.layer import MoELayer
@@ -51,6 +52,9 @@ class ModelConfig:
     router: dict[str, Any] = field(default_factory=_default_router)
     experts: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.SwiGLUExperts"})
     dispatch: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.SortedDispatch"})
+    # SoftMoE global expert budget: {"total": K, "learnable": true|false}. None: no budget
+    # (each router uses its own k). K is the sum of per-layer expert counts over MoE layers.
+    budget: dict[str, Any] | None = None
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -112,9 +116,10 @@ class Block(nn.Module):
         else:
             self.mlp = DenseSwiGLU(cfg.d_model, cfg.dense_hidden)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        mlp_in = self.mlp_norm(x)
+        return x + (self.mlp(mlp_in, k) if isinstance(self.mlp, MoELayer) else self.mlp(mlp_in))
 
 
 class Transformer(nn.Module):
@@ -128,7 +133,29 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        for i, router in self.routers():
+            router.layer_name = f"layer {i:02d} router"
+        self.budget: GlobalExpertBudget | None = self._build_budget(cfg)
         self.reset_parameters()
+
+    def _build_budget(self, cfg: ModelConfig) -> GlobalExpertBudget | None:
+        if cfg.budget is None:
+            return None
+        options = dict(cfg.budget)
+        unknown = set(options) - {"total", "learnable"}
+        if "total" not in options or unknown:
+            raise ConfigError(f"model.config.budget must be {{total: K, learnable: true|false}}, got {cfg.budget}.")
+        routers = [r for _, r in self.routers()]
+        if not routers:
+            raise ConfigError("model.config.budget needs MoE layers (n_dense_layers < n_layers).")
+        if not all(r.uses_budget_k for r in routers):
+            raise ConfigError(f"model.config.budget needs a router that takes per-layer k (e.g. "
+                              f"lit_moe.moe.SoftTopKRouter); {type(routers[0]).__name__} does not.")
+        try:
+            return GlobalExpertBudget(len(routers), float(options["total"]), cfg.num_experts,
+                                      learnable=bool(options.get("learnable", True)))
+        except ValueError as err:
+            raise ConfigError(f"model.config.budget: {err}") from err
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -150,8 +177,11 @@ class Transformer(nn.Module):
         if idx.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's seq_len {self.cfg.seq_len}.")
         x = self.tok_emb(idx)
+        # One budget evaluation per forward; MoE block j gets k_j (gradient reaches η).
+        layer_k = iter(self.budget.k()) if self.budget is not None else None
         for block in self.blocks:
-            x = block(x)
+            k = next(layer_k) if layer_k is not None and isinstance(block.mlp, MoELayer) else None
+            x = block(x, k)
         return self.lm_head(self.norm(x)).float()
 
     # -- interface for the LightningModule and callbacks ---------------------------------
@@ -184,8 +214,10 @@ class Transformer(nn.Module):
         """Total parameters and the parameters one token activates (embedding counted once)."""
         total = sum(p.numel() for p in self.parameters())
         active = total
-        for _, layer in self.moe_layers():
+        budget_k = self.budget.k().tolist() if self.budget is not None else None
+        for j, (_, layer) in enumerate(self.moe_layers()):
             expert_params = sum(p.numel() for p in layer.experts.parameters())
-            share = layer.router.expected_active_experts() / layer.experts.num_experts
+            k = budget_k[j] if budget_k is not None else layer.router.expected_active_experts()
+            share = k / layer.experts.num_experts
             active -= expert_params - int(expert_params * share)
         return {"total": total, "active": active}

@@ -128,6 +128,10 @@ class LitMoE(L.LightningModule):
         attention = 12 * cfg.n_layers * cfg.d_model * cfg.seq_len
         self.flops_per_batch = (6 * matmul_params + attention) * tokens
 
+    def teardown(self, stage: str) -> None:
+        # Flushing denormals is process-global state; give it back when this run is done.
+        torch.set_flush_denormal(False)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer_json"] = self.tokenizer_json
 

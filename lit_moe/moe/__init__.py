@@ -2,7 +2,7 @@
 
 from lit_moe.moe.dispatch import Dispatch, LoopDispatch, SortedDispatch
 from lit_moe.moe.experts import DenseSwiGLU, Experts, SwiGLUExperts
-from lit_moe.moe.router import Router, TopKRouter
+from lit_moe.moe.router import Router, SoftTopKRouter, TopKRouter
 
 __all__ = ["Dispatch", "LoopDispatch", "SortedDispatch", "DenseSwiGLU", "Experts", "SwiGLUExperts",
-           "Router", "TopKRouter"]
+           "Router", "SoftTopKRouter", "TopKRouter"]

@@ -18,8 +18,8 @@ class MoELayer(nn.Module):
         self.experts: Experts = build_component(experts, Experts, "experts", d_model, hidden, num_experts)
         self.dispatch: Dispatch = build_component(dispatch, Dispatch, "dispatch")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        weights = self.router(tokens)
+        weights = self.router(tokens, k)
         return self.dispatch(tokens, weights, self.experts).reshape(shape)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_moe.errors import ConfigError
+from lit_moe.lapsum import soft_topk, truncate
 
 
 def switch_load_balance_loss(logits: Tensor, assigned: Tensor) -> Tensor:
@@ -60,17 +61,26 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), self.gate.weight.float())
 
-    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+    # Routers that take a per-layer expert count k from the model's GlobalExpertBudget.
+    uses_budget_k: bool = False
+    # Set by the Transformer so messages can name the layer.
+    layer_name: str = "router"
+
+    def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def expected_active_experts(self) -> float:
         """Experts a token uses on average by design (for active-parameter and FLOP counts)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [T, d] → routing weights [T, E] (fp32; zeros = expert unused)."""
+    def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
+        """x: [T, d] → routing weights [T, E] (fp32; zeros = expert unused).
+
+        k: this layer's expert count from the global budget (0-d tensor), for routers with
+        `uses_budget_k`; ignored by the others.
+        """
         logits = self.compute_logits(x)
-        weights, assigned = self.route(logits)
+        weights, assigned = self.route(logits, k)
         self.aux_losses = {
             "load_balance": switch_load_balance_loss(logits, assigned),
             "z_loss": router_z_loss(logits),
@@ -105,7 +115,7 @@ class TopKRouter(Router):
     def expected_active_experts(self) -> float:
         return float(self.top_k)
 
-    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+    def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         top_vals, top_idx = logits.topk(self.top_k, dim=-1)
         weights = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_vals, dim=-1))
         assigned = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, True)
@@ -118,3 +128,59 @@ class TopKRouter(Router):
             self.dropped = (assigned & ~keep).sum()
             weights = weights * keep
         return weights, assigned
+
+
+class SoftTopKRouter(Router):
+    """SoftMoE router (METHODS §2): LapSum soft top-k on the raw logits, then truncation.
+
+    p = soft_topk(z, k, α) (rows sum to k), w = p·1[p ≥ τ] with τ = θ·k/E clamped so that
+    1..⌈k·cap⌉ experts stay active per token; w is not renormalised. Zero weights are skipped
+    by the dispatch. k comes from the model's `GlobalExpertBudget` when the config has one
+    (learned or fixed per-layer counts), else from `k` here.
+
+    `alpha` and `theta` are plain floats (a schedule or the budget controller may change them
+    during training) saved in the state dict through `get_extra_state`, so they resume.
+    `check_finite` raises on NaN/Inf logits naming the layer (one host sync per layer).
+    """
+
+    uses_budget_k = True
+
+    def __init__(self, d_model: int, num_experts: int, k: float = 2.0, alpha: float = 1.0, theta: float = 1.8,
+                 cap: float = 2.0, lb_weight: float = 1e-2, z_weight: float = 0.0, check_finite: bool = True):
+        super().__init__(d_model, num_experts, lb_weight=lb_weight, z_weight=z_weight)
+        if not 0 < k < num_experts:
+            raise ConfigError(f"SoftTopKRouter: k={k} must lie in (0, num_experts={num_experts}).")
+        if not alpha > 0:
+            raise ConfigError(f"SoftTopKRouter: alpha={alpha} must be > 0 (the Laplace scale).")
+        if not theta >= 0:
+            raise ConfigError(f"SoftTopKRouter: theta={theta} must be ≥ 0 (τ = θ·k/E).")
+        if not cap >= 1:
+            raise ConfigError(f"SoftTopKRouter: cap={cap} must be ≥ 1 (at most ⌈k·cap⌉ experts per token).")
+        self.k = float(k)
+        self.alpha = float(alpha)
+        self.theta = float(theta)
+        self.cap = float(cap)
+        self.check_finite = check_finite
+        # Realised mean number of active experts per token in the last forward (device tensor).
+        self.register_buffer("last_active", torch.zeros(()), persistent=False)
+
+    def expected_active_experts(self) -> float:
+        return self.k
+
+    def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.check_finite and not torch.isfinite(logits).all():
+            raise FloatingPointError(f"{self.layer_name}: router logits are not finite (NaN/Inf); lower the "
+                                     f"learning rate or check the inputs of this layer.")
+        k_layer = self.k if k is None else k
+        probs = soft_topk(logits, k_layer, self.alpha)
+        weights = truncate(probs, k_layer, self.theta, self.cap)
+        assigned = weights != 0
+        self.last_active = assigned.sum(dim=-1, dtype=torch.float32).mean().detach()
+        return weights, assigned
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"alpha": self.alpha, "theta": self.theta}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.alpha = float(state["alpha"])
+        self.theta = float(state["theta"])
