@@ -86,6 +86,12 @@ class LitMoECLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     try:
+        argv = sys.argv[1:] if args is None else list(args)
+        if argv[:1] == ["evaluate"]:  # CORE evaluation of a checkpoint: evaluation/cli.py
+            from evaluation.cli import main as evaluate
+
+            evaluate(argv[1:])
+            return
         LitMoECLI(
             LitMoE,
             LMDataModule,

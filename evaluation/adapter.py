@@ -1,0 +1,264 @@
+"""lm-evaluation-harness model adapter for lit-moe models, registered as ``lit_moe``.
+
+    lm = LitMoELM(checkpoint="checkpoints/tiny/last.ckpt", batch_size=32)   # from a file
+    lm = LitMoELM(model=pl_module.model, tokenizer=tok)                     # in memory
+    python -m evaluation --model lit_moe --model_args checkpoint=PATH --tasks ...
+
+Scoring follows lm-eval's conventions (its ``TemplateLM``): a request's context and
+continuation are encoded as ``encode(context + continuation)`` split after
+``len(encode(context))`` tokens, with trailing context whitespace moved to the
+continuation; only the last ``seq_len + 1`` tokens are kept (left truncation).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm import tqdm
+
+from lit_moe.errors import ConfigError
+from lit_moe.tokenizer import eot_id
+
+DEFAULT_BATCH_SIZE = 16
+
+# (request key for lm-eval's cache or None, context token ids, continuation token ids)
+TokenRequest = tuple[Any, list[int], list[int]]
+
+
+def _batch_size(value: int | str | None) -> int:
+    # lm-eval passes the CLI's --batch_size as given: an int, "16", "auto" or "auto:N".
+    if value is None or str(value).startswith("auto"):
+        return DEFAULT_BATCH_SIZE
+    size = int(value)
+    if size < 1:
+        raise ConfigError(f"batch_size must be ≥ 1, got {size}.")
+    return size
+
+
+@register_model("lit_moe")
+class LitMoELM(TemplateLM):
+    """A lit-moe ``Transformer`` plus its tokenizer as an lm-eval language model.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``fit`` (model and tokenizer come from it), or
+        model, tokenizer: an in-memory ``lit_moe.model.Transformer`` and its tokenizer.
+        batch_size: sequences per forward pass.
+        max_gen_toks: default cap on generated tokens for ``generate_until``.
+        device: where to run; default: the model's device, or CUDA when loading a checkpoint
+            on a machine that has one.
+    """
+
+    def __init__(self, checkpoint: str | None = None, model: nn.Module | None = None,
+                 tokenizer: Tokenizer | None = None, batch_size: int | str | None = DEFAULT_BATCH_SIZE,
+                 max_gen_toks: int = 256, device: str | None = None, **unused: Any):
+        super().__init__()
+        unused.pop("max_batch_size", None)  # lm-eval always passes it; there is no auto sizing here
+        if unused:
+            warnings.warn(f"lit_moe ignores model arguments {sorted(unused)}", stacklevel=2)
+        if checkpoint is not None:
+            from lit_moe.checkpoint import load_checkpoint  # imports Lightning: only when needed
+
+            module, tokenizer = load_checkpoint(str(checkpoint))
+            model = module.model
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if model is None or tokenizer is None:
+            raise ConfigError("LitMoELM needs checkpoint=PATH, or both model= and tokenizer=.")
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            warnings.warn(f"device {device!r} requested but CUDA is not available; using the CPU.", stacklevel=2)
+            device = "cpu"
+        self.model = model if device is None else model.to(device)
+        self.model.eval()
+        self.tokenizer = tokenizer
+        self._device = next(self.model.parameters()).device
+        self.batch_size = _batch_size(batch_size)
+        self.max_gen_toks = int(max_gen_toks)
+        self.max_length = self.model.cfg.seq_len
+        # The model's vocabulary is padded (to a multiple for fast matmuls); ids past the
+        # tokenizer's are never real tokens, so log-probabilities and greedy choices are
+        # taken over the tokenizer's vocabulary only.
+        self.vocab_size = min(tokenizer.get_vocab_size(), self.model.cfg.vocab_size)
+        self._encoded: tuple[list[tuple[str, str]], list[tuple[list[int], list[int]]]] | None = None
+
+    # -- tokenizer ------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return eot_id(self.tokenizer)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"lit_moe-bpe-{self.tokenizer.get_vocab_size()}"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=False).ids
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    # -- scoring --------------------------------------------------------------------------
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(context ids, continuation ids) per pair by TemplateLM's rule (``_encode_pair``, and
+        ``loglikelihood``'s empty-context case), but with each distinct string encoded once,
+        in parallel chunks. Only what the model can see is kept: the last seq_len + 1 context
+        ids and the last seq_len continuation ids (a longer continuation is scored on its tail)."""
+        if self._encoded is not None and self._encoded[0] == pairs:
+            return self._encoded[1]  # the same batch again (evaluation.core counts tokens after scoring)
+        split = []
+        for context, continuation in pairs:
+            stripped = context.rstrip()  # trailing whitespace goes with the continuation
+            split.append((stripped, context[len(stripped):] + continuation) if context else ("", continuation))
+        strings = list(dict.fromkeys(s for context, continuation in split
+                                     for s in ((context, context + continuation) if context else (continuation,))))
+        ids: dict[str, tuple[int, list[int]]] = {}  # string → (token count, last tokens)
+        keep = self.max_length + 1
+        for start in range(0, len(strings), 256):  # chunks: Encoding objects are large
+            chunk = strings[start:start + 256]
+            for string, enc in zip(chunk, self.tokenizer.encode_batch(chunk, add_special_tokens=False)):
+                ids[string] = (len(enc.ids), enc.ids[-keep:])
+        out = []
+        for context, continuation in split:
+            if not context:
+                cont = ids[continuation][1][-self.max_length:]
+                out.append(([self.prefix_token_id], cont) if not cont or cont[0] != self.prefix_token_id
+                           else (cont[:1], cont[1:]))
+                continue
+            n_context, context_ids = ids[context]
+            n_whole, whole_ids = ids[context + continuation]
+            n_cont = min(n_whole - n_context, self.max_length)  # the model scores at most seq_len tokens
+            out.append((context_ids, whole_ids[len(whole_ids) - n_cont:] if n_cont > 0 else []))
+        self._encoded = (list(pairs), out)
+        return out
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [tuple(req.args) for req in requests]
+        return self._loglikelihood_tokens([(pair, context, continuation) for pair, (context, continuation)
+                                           in zip(pairs, self.encode_pairs(pairs))], disable_tqdm=disable_tqdm)
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, continuation is the greedy choice) per request."""
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)  # empty continuations stay so
+        # The model reads tokens[:-1] and predicts tokens[1:]; the continuation is the tail.
+        # Requests with the same input (e.g. one-token answers "A"/"B"/"C"/"D" after one
+        # context) share one forward row.
+        rows: dict[tuple[int, ...], list[int]] = {}
+        targets: dict[int, list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            if continuation:
+                targets[i] = continuation[-self.max_length:]  # longer than the window: score its tail
+                context = context or [self.prefix_token_id]  # the first token needs something before it
+                tokens = (context + targets[i])[-(self.max_length + 1):]
+                rows.setdefault(tuple(tokens[:-1]), []).append(i)
+        # Longest first, as lm-eval's HF adapter does: each batch pads to its first row (little
+        # padding), and an out-of-memory error shows at once rather than at the end.
+        inputs = sorted(rows, key=len, reverse=True)
+        progress = tqdm(total=len(targets), desc="lit_moe loglikelihood", disable=disable_tqdm)
+        for start in range(0, len(inputs), self.batch_size):
+            batch = inputs[start:start + self.batch_size]
+            # Right padding is invisible to real positions under causal attention and per-token
+            # (dropless) routing, so a padded row scores exactly like the row alone.
+            idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
+            for row, tokens in enumerate(batch):
+                idx[row, :len(tokens)] = torch.tensor(tokens)
+            # Gather every scored position of the batch: one head + log_softmax for all of them.
+            owners, rows_at, positions, wanted = [], [], [], []
+            for row, tokens in enumerate(batch):
+                for i in rows[tokens]:
+                    n = len(targets[i])
+                    owners.append(i)
+                    rows_at += [row] * n
+                    positions += range(len(tokens) - n, len(tokens))
+                    wanted += targets[i]
+            logprobs = self._logits_at(idx.to(self._device), rows_at, positions).log_softmax(-1)
+            wanted_t = torch.tensor(wanted, device=logprobs.device)
+            token_logprob = logprobs.gather(1, wanted_t[:, None]).squeeze(1).double().cpu()
+            greedy = (logprobs.argmax(-1) == wanted_t).cpu()
+            offset = 0
+            for i in owners:
+                n = len(targets[i])
+                results[i] = (float(token_logprob[offset:offset + n].sum()), bool(greedy[offset:offset + n].all()))
+                offset += n
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            progress.update(len(owners))
+        progress.close()
+        return results
+
+    def _logits_at(self, idx: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits [len(rows), vocab] at the given (row, position) pairs of idx [B, S].
+
+        The model's own forward, with the final norm's output cut to the scored positions by
+        a forward hook, so the output head runs only there: the head is ~40% of the tiny
+        model's FLOPs and its [B, S, vocab] fp32 output the largest tensor, while a choice
+        scores a handful of positions. Models without that layout get a plain forward.
+        """
+        norm = getattr(self.model, "norm", None)
+        if isinstance(norm, nn.Module) and hasattr(self.model, "lm_head"):
+            cut = norm.register_forward_hook(lambda module, args, out: out[rows, positions])
+            try:
+                logits = self.model(idx)
+            finally:
+                cut.remove()
+            if logits.shape[:-1] == (len(rows),):
+                return logits[:, :self.vocab_size]
+        return self.model(idx)[rows, positions, :self.vocab_size]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Total log-likelihood of each whole string, scored in disjoint windows of seq_len."""
+        windows: list[TokenRequest] = []
+        owners: list[int] = []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for context, target in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, target))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[owner] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # -- generation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy decoding until a stop string, the end-of-text token or max_gen_toks.
+
+        One request at a time and without a KV cache (the model has none): each new token
+        re-reads the last seq_len tokens. Fine for short answers; slow for long generations.
+        """
+        outputs = []
+        for req in tqdm(requests, desc="lit_moe generate_until", disable=disable_tqdm):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            stops = gen_kwargs.pop("until", None) or []
+            stops = [stops] if isinstance(stops, str) else list(stops)
+            max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            if gen_kwargs.pop("do_sample", False) or gen_kwargs.get("temperature", 0) not in (0, 0.0):
+                warnings.warn("lit_moe decodes greedily; sampling arguments are ignored.", stacklevel=2)
+            tokens = self.tok_encode(context) or [self.prefix_token_id]
+            generated: list[int] = []
+            text = ""
+            for _ in range(max_new):
+                window = (tokens + generated)[-self.max_length:]
+                logits = self._logits_at(torch.tensor([window], device=self._device), [0], [len(window) - 1])
+                token = int(logits.argmax())
+                if token == self.eot_token_id:
+                    break
+                generated.append(token)
+                text = self.tok_decode(generated)
+                if any(stop in text for stop in stops):
+                    break
+            cut = min((text.index(stop) for stop in stops if stop in text), default=len(text))
+            outputs.append(text[:cut])
+            self.cache_hook.add_partial("generate_until", req.args, text[:cut])
+        return outputs
