@@ -59,6 +59,7 @@ def test_fit_is_tracked_in_mlflow_and_resumes(workdir):
     assert sum(losses[-3:]) / 3 < min(losses[0], math.log(320)) - 0.8, losses
     for name in ("val/loss", "val/ppl", "train/ce", "train/load_balance", "train/z_loss", "train/tokens_per_sec"):
         assert name in run.data.metrics, name
+    assert abs(run.data.metrics["core/CORE"]) < 0.3  # CoreEvalCallback ran on the mini bundle
     val_loss = run.data.metrics["val/loss"]
     assert run.data.metrics["val/ppl"] == pytest.approx(torch.tensor(val_loss).exp().item(), rel=1e-3)
     assert run.data.params["config/num_experts"] == "4"
