@@ -23,10 +23,16 @@ CONFIGS = {"top-2 baseline": "tiny.yaml", "SoftMoE learned (K=1.5L)": "tiny_soft
 EXPERIMENT = "softmoe-comparison"
 
 
-def run_all(shared: Path, steps: int, workdir: Path) -> None:
+def run_all(shared: Path, steps: int, workdir: Path, only: list[str] | None, parallel: bool) -> None:
+    """Run the configs one after another, or all at once with one thread each (--parallel)."""
     corpus = shared / "data" / "corpus" / "wikipedia_en"
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    if parallel:
+        env["OMP_NUM_THREADS"] = "1"
+    procs = []
     for label, config in CONFIGS.items():
+        if only and label not in only:
+            continue
         cmd = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(REPO / "conf" / config),
                "--trainer.max_steps", str(steps), "--trainer.enable_progress_bar", "false",
                "--trainer.logger.init_args.experiment_name", EXPERIMENT,
@@ -34,7 +40,12 @@ def run_all(shared: Path, steps: int, workdir: Path) -> None:
                "--data.train_files", str(corpus / "train-00.jsonl.gz"),
                "--data.val_files", str(corpus / "validation-00.jsonl.gz")]
         print(f"== {label}: {' '.join(cmd[1:])}", flush=True)
-        subprocess.run(cmd, cwd=workdir, env=env, check=True)
+        if parallel:
+            procs.append(subprocess.Popen(cmd, cwd=workdir, env=env))
+        else:
+            subprocess.run(cmd, cwd=workdir, env=env, check=True)
+    if any(p.wait() for p in procs):
+        raise SystemExit("a run failed; see its output above")
 
 
 def _tail_mean(client, run_id: str, key: str, last: int = 50) -> float | None:
@@ -101,10 +112,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "softmoe_experiment")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--only", help="comma-separated labels to run (default: all)")
+    parser.add_argument("--parallel", action="store_true", help="run the configs at once, one thread each")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        run_all(args.shared.resolve(), args.steps, args.workdir)
+        only = args.only.split(",") if args.only else None
+        run_all(args.shared.resolve(), args.steps, args.workdir, only, args.parallel)
     report(args.workdir)
 
 
