@@ -1,6 +1,7 @@
 """Plug-in Lightning callbacks for lit-moe runs."""
 
 from callbacks.expert_budget import ExpertBudgetCallback
+from callbacks.kappa_schedule import KappaScheduleCallback
 from callbacks.run_info import RunInfoCallback, TokenThroughputMonitor
 
-__all__ = ["ExpertBudgetCallback", "RunInfoCallback", "TokenThroughputMonitor"]
+__all__ = ["ExpertBudgetCallback", "KappaScheduleCallback", "RunInfoCallback", "TokenThroughputMonitor"]

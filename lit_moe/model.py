@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_moe.budget import GlobalExpertBudget
+from lit_moe.components import build_component
 from lit_moe.errors import ConfigError
 from lit_moe.moe.experts import DenseSwiGLU, SwiGLUExperts
 from lit_moe.moe.layer import MoELayer
@@ -52,6 +53,8 @@ class ModelConfig:
     router: dict[str, Any] = field(default_factory=_default_router)
     experts: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.SwiGLUExperts"})
     dispatch: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.SortedDispatch"})
+    # MLP of the first `n_dense_layers` blocks (a DenseSwiGLU subclass, e.g. KappaDenseSwiGLU).
+    dense_mlp: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.DenseSwiGLU"})
     # SoftMoE global expert budget: {"total": K, "learnable": true|false}. None: no budget
     # (each router uses its own k). K is the sum of per-layer expert counts over MoE layers.
     budget: dict[str, Any] | None = None
@@ -114,7 +117,7 @@ class Block(nn.Module):
         if moe:
             self.mlp = MoELayer(cfg.d_model, cfg.expert_hidden, cfg.num_experts, cfg.router, cfg.experts, cfg.dispatch)
         else:
-            self.mlp = DenseSwiGLU(cfg.d_model, cfg.dense_hidden)
+            self.mlp = build_component(cfg.dense_mlp, DenseSwiGLU, "dense_mlp", cfg.d_model, cfg.dense_hidden)
 
     def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.attn_norm(x))
@@ -135,6 +138,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         for i, router in self.routers():
             router.layer_name = f"layer {i:02d} router"
+        self._tie_shared_expert_modules()
         self.budget: GlobalExpertBudget | None = self._build_budget(cfg)
         self.reset_parameters()
 
@@ -156,6 +160,16 @@ class Transformer(nn.Module):
                                       learnable=bool(options.get("learnable", True)))
         except ValueError as err:
             raise ConfigError(f"model.config.budget: {err}") from err
+
+    def _tie_shared_expert_modules(self) -> None:
+        """Expert submodules marked `shared_across_layers` (κ-SwiGLU's `global` b, a) are tied to
+        the first MoE layer's instance, like tied embeddings: `parameters()` and `modules()`
+        then yield them once, so they are counted, optimised and regularised once."""
+        first: dict[str, nn.Module] = {}
+        for _, layer in self.moe_layers():
+            for name, child in list(layer.experts.named_children()):
+                if getattr(child, "shared_across_layers", False):
+                    setattr(layer.experts, name, first.setdefault(name, child))
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
@@ -205,10 +219,22 @@ class Transformer(nn.Module):
                 sums[name] = sums.get(name, 0.0) + value
         return {name: value / count for name, value in sums.items()}
 
+    def regularization_losses(self) -> dict[str, Tensor]:
+        """Weighted parameter penalties (e.g. κ-SwiGLU's `kappa/reg`, METHODS §3), each summed over
+        the submodules that define `regularization_losses()`; a shared module counts once."""
+        sums: dict[str, Tensor] = {}
+        for module in self.modules():
+            if module is not self and hasattr(module, "regularization_losses"):
+                for name, value in module.regularization_losses().items():
+                    sums[name] = sums[name] + value if name in sums else value
+        return sums
+
     def weighted_aux_loss(self) -> Tensor | float:
-        """Sum of the routers' weighted aux losses, averaged over MoE layers (METHODS §1)."""
+        """Routers' weighted aux losses averaged over MoE layers (METHODS §1), plus the
+        parameter penalties of `regularization_losses()`."""
         losses = [router.weighted_aux_loss() for _, router in self.routers()]
-        return torch.stack(losses).mean() if losses else 0.0
+        aux = torch.stack(losses).mean() if losses else 0.0
+        return aux + sum(self.regularization_losses().values())
 
     def num_params(self) -> dict[str, int]:
         """Total parameters and the parameters one token activates (embedding counted once)."""

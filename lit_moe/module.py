@@ -156,6 +156,8 @@ class LitMoE(L.LightningModule):
         self.log("train/ce", ce)
         for name, value in self.model.aux_losses().items():
             self.log(f"train/{name}", value)
+        for name, value in self.model.regularization_losses().items():  # e.g. kappa/reg
+            self.log(name, value)
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -13,9 +13,13 @@ from lit_moe.moe.experts import Experts
 
 
 class Dispatch(nn.Module):
-    """Base class: forward(x [T, d], weights [T, E], experts) → y [T, d]."""
+    """Base class: forward(x [T, d], weights [T, E], experts, confidence=None) → y [T, d].
 
-    def forward(self, x: Tensor, weights: Tensor, experts: Experts) -> Tensor:
+    confidence [T, E] (optional): per-(token, expert) routing confidence for experts with a
+    `confidence_mode`; the dispatch hands each pair's value to the experts with its input.
+    """
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Experts, confidence: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
 
@@ -29,11 +33,14 @@ class SortedDispatch(Dispatch):
     3. scale by the pair's weight and scatter-add back to tokens.
     """
 
-    def forward(self, x: Tensor, weights: Tensor, experts: Experts) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor, experts: Experts, confidence: Tensor | None = None) -> Tensor:
         expert_idx, token_idx = weights.t().nonzero(as_tuple=True)
         counts = torch.bincount(expert_idx, minlength=weights.shape[1])
         pair_weight = weights[token_idx, expert_idx]
-        y = experts(x[token_idx], counts)
+        if confidence is None:
+            y = experts(x[token_idx], counts)
+        else:
+            y = experts(x[token_idx], counts, confidence=confidence[token_idx, expert_idx])
         y = y * pair_weight.unsqueeze(1).to(y.dtype)
         return torch.zeros_like(x).index_add_(0, token_idx, y.to(x.dtype))
 
@@ -45,12 +52,16 @@ class LoopDispatch(Dispatch):
     can check the fast path against it.
     """
 
-    def forward(self, x: Tensor, weights: Tensor, experts: Experts) -> Tensor:
+    def forward(self, x: Tensor, weights: Tensor, experts: Experts, confidence: Tensor | None = None) -> Tensor:
         out = torch.zeros_like(x)
         for e in range(weights.shape[1]):
             rows = (weights[:, e] != 0).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            contribution = weights[rows, e].unsqueeze(1) * experts.expert_forward(e, x[rows]).float()
+            if confidence is None:
+                y = experts.expert_forward(e, x[rows])
+            else:
+                y = experts.expert_forward(e, x[rows], confidence[rows, e])
+            contribution = weights[rows, e].unsqueeze(1) * y.float()
             out = out.index_add(0, rows, contribution.to(x.dtype))
         return out

@@ -32,14 +32,19 @@ class Experts(nn.Module):
     `forward(x_sorted, counts)`: x_sorted [N, d] holds the (token, expert) pairs' inputs
     grouped by expert in expert order; counts [E] (long) gives each group's size.
     `expert_forward(e, x)`: one expert on its own, used by the reference dispatch in tests.
+
+    Experts that need each pair's routing confidence (κ-SwiGLU) name the router's mode in
+    `confidence_mode`; the dispatch then passes `confidence` [N] (same order as x_sorted, or
+    the rows of x for `expert_forward`). None: the experts take no confidence.
     """
 
     num_experts: int
+    confidence_mode: str | None = None
 
-    def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+    def forward(self, x_sorted: Tensor, counts: Tensor, confidence: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
-    def expert_forward(self, e: int, x: Tensor) -> Tensor:
+    def expert_forward(self, e: int, x: Tensor, confidence: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
 
@@ -63,28 +68,37 @@ class SwiGLUExperts(Experts):
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=std if out_std is None else out_std)
 
-    def activation(self, gate: Tensor) -> Tensor:
+    def activation(self, gate: Tensor, confidence: Tensor | None = None, expert: int | Tensor | None = None) -> Tensor:
+        """Gate activation. Subclasses may use the rows' `confidence` and their `expert`: an int
+        for one expert's rows, or a per-row expert index [N] in the grouped path."""
         return F.silu(gate)
 
-    def expert_forward(self, e: int, x: Tensor) -> Tensor:
-        return (self.activation(x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
+    def expert_forward(self, e: int, x: Tensor, confidence: Tensor | None = None) -> Tensor:
+        return (self.activation(x @ self.w_gate[e], confidence, e) * (x @ self.w_up[e])) @ self.w_down[e]
 
-    def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+    def forward(self, x_sorted: Tensor, counts: Tensor, confidence: Tensor | None = None) -> Tensor:
         if _use_grouped_mm(x_sorted, self.w_gate.shape[-1]):
             # offs: exclusive end row of each expert's group in x_sorted.
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
             dtype = x_sorted.dtype
             gate = torch._grouped_mm(x_sorted, self.w_gate.to(dtype), offs=offsets)
             up = torch._grouped_mm(x_sorted, self.w_up.to(dtype), offs=offsets)
-            return torch._grouped_mm(self.activation(gate) * up, self.w_down.to(dtype), offs=offsets)
+            expert = None
+            if confidence is not None:  # rows' expert ids, only for activations that use them
+                expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
+                                                 output_size=x_sorted.shape[0])
+            act = self.activation(gate, confidence, expert)
+            return torch._grouped_mm(act * up, self.w_down.to(dtype), offs=offsets)
         # Sort-and-split: one matmul chain per expert over its contiguous block of rows.
         # unbind (not w[e]) so backward stacks the E weight grads once instead of
         # materialising a full-size zero gradient per expert.
         gates, ups, downs = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
+        sizes = counts.tolist()
+        confs = torch.split(confidence, sizes) if confidence is not None else [None] * len(sizes)
         outputs = []
-        for e, rows in enumerate(torch.split(x_sorted, counts.tolist())):
+        for e, (rows, conf) in enumerate(zip(torch.split(x_sorted, sizes), confs)):
             if rows.shape[0]:
-                outputs.append((self.activation(rows @ gates[e]) * (rows @ ups[e])) @ downs[e])
+                outputs.append((self.activation(rows @ gates[e], conf, e) * (rows @ ups[e])) @ downs[e])
         if not outputs:
             return x_sorted.new_zeros(0, self.w_down.shape[-1])
         return torch.cat(outputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lit_moe.components import ComponentSpec, build_component
+from lit_moe.errors import ConfigError
 from lit_moe.moe.dispatch import Dispatch
 from lit_moe.moe.experts import Experts
 from lit_moe.moe.router import Router
@@ -17,9 +18,18 @@ class MoELayer(nn.Module):
         self.router: Router = build_component(router, Router, "router", d_model, num_experts)
         self.experts: Experts = build_component(experts, Experts, "experts", d_model, hidden, num_experts)
         self.dispatch: Dispatch = build_component(dispatch, Dispatch, "dispatch")
+        mode = self.experts.confidence_mode
+        if mode is not None and mode not in self.router.confidence_modes:
+            raise ConfigError(f"experts: {type(self.experts).__name__} needs confidence {mode!r}, which "
+                              f"{type(self.router).__name__} does not give (it gives "
+                              f"{list(self.router.confidence_modes)}); choose one of those.")
 
     def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights = self.router(tokens, k)
-        return self.dispatch(tokens, weights, self.experts).reshape(shape)
+        mode = self.experts.confidence_mode
+        if mode is None:
+            return self.dispatch(tokens, weights, self.experts).reshape(shape)
+        confidence = self.router.confidence(mode)
+        return self.dispatch(tokens, weights, self.experts, confidence=confidence).reshape(shape)

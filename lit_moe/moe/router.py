@@ -31,6 +31,10 @@ def switch_load_balance_loss(logits: Tensor, assigned: Tensor) -> Tensor:
     return num_experts * torch.dot(f, p)
 
 
+# Per-(token, expert) confidence inputs a router can give (`Router.confidence`, METHODS §3).
+CONFIDENCE_MODES = ("top_logit", "logit_norm", "router_weight", "constant")
+
+
 def router_z_loss(logits: Tensor) -> Tensor:
     """Mean over tokens of (logsumexp z)²: keeps router logits from drifting large."""
     return torch.logsumexp(logits, dim=-1).square().mean()
@@ -65,6 +69,9 @@ class Router(nn.Module):
     uses_budget_k: bool = False
     # Set by the Transformer so messages can name the layer.
     layer_name: str = "router"
+    # Confidence modes `confidence()` supports; a subclass that cannot give one removes it,
+    # and the MoE layer refuses experts asking for it at config time.
+    confidence_modes: tuple[str, ...] = CONFIDENCE_MODES
 
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -81,11 +88,34 @@ class Router(nn.Module):
         """
         logits = self.compute_logits(x)
         weights, assigned = self.route(logits, k)
+        # Kept (graph attached) for `confidence()`, which experts may ask for after routing.
+        self._last_routing = (x, logits, weights)
         self.aux_losses = {
             "load_balance": switch_load_balance_loss(logits, assigned),
             "z_loss": router_z_loss(logits),
         }
         return weights
+
+    def confidence(self, mode: str) -> Tensor:
+        """Routing confidence of every (token, expert) from the last forward: [T, E] fp32, unscaled.
+
+        top_logit: the raw logit z_e; logit_norm: z_e / (‖W_r,e‖·‖x‖), a cosine in [−1, 1]
+        (norms detached, so the gradient only moves the direction); router_weight: the
+        combine weight w_e; constant: ones. The result carries the graph into the router.
+        """
+        if mode not in self.confidence_modes:
+            raise ConfigError(f"{self.layer_name}: {type(self).__name__} gives no confidence mode {mode!r}; "
+                              f"available: {list(self.confidence_modes)}.")
+        x, logits, weights = self._last_routing
+        if mode == "top_logit":
+            return logits
+        if mode == "logit_norm":
+            with torch.no_grad():
+                norms = x.float().norm(dim=-1, keepdim=True) * self.gate.weight.float().norm(dim=-1)
+            return logits / norms.clamp_min(1e-6)
+        if mode == "router_weight":
+            return weights.float()
+        return torch.ones_like(logits)
 
     def weighted_aux_loss(self) -> Tensor:
         return self.lb_weight * self.aux_losses["load_balance"] + self.z_weight * self.aux_losses["z_loss"]

@@ -1,0 +1,131 @@
+"""Overhead of κ-SwiGLU experts vs plain SwiGLU experts on one MoE layer (forward + backward).
+
+Time: median of interleaved runs (plain, κ, plain, κ, ...) so machine noise hits both alike;
+the layer includes router, dispatch and aux loss, as in `benchmarks/moe_layer.py`.
+Memory: bytes of the activations autograd saves for backward, summed through
+`torch.autograd.graph.saved_tensors_hooks` (each storage once, parameters excluded). That is
+deterministic, unlike allocator peaks on CPU; on CUDA the allocator's peak is printed too.
+κ runs both eager and fused (`fused: true`, the elementwise math compiled by torch.compile;
+compile time is excluded by the warm-up). Prints one JSON line per config with the ratios
+κ/plain (target ≤ 1.05 for time and memory).
+
+    python benchmarks/kappa.py [--tokens 4096] [--repeats 10] [--device cpu|cuda] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from lit_moe.moe.layer import MoELayer
+
+ROUTER = {"class_path": "lit_moe.moe.TopKRouter", "init_args": {"top_k": 2}}
+DISPATCH = {"class_path": "lit_moe.moe.SortedDispatch"}
+
+
+def step(layer: MoELayer, x: torch.Tensor) -> None:
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    (y.float().square().mean() + layer.router.weighted_aux_loss()).backward()
+
+
+def saved_activation_bytes(layer: MoELayer, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward, each storage counted once."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    layer.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+        loss = y.float().square().mean() + layer.router.weighted_aux_loss()
+    loss.backward()
+    return sum(storages.values())
+
+
+def cuda_peak_bytes(layer: MoELayer, x: torch.Tensor) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(layer, x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d_model", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--granularity", default="per_gate")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a busy machine)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as LitMoE does on CPU
+    # (d, E, h): the two layer shapes of the issue, and the tiny config's layer (d=192, 16×256 tokens).
+    shapes = [(args.d_model, 8, 1024), (args.d_model, 64, 256), (192, 8, 256)]
+    for d_model, num_experts, hidden in shapes:
+        torch.manual_seed(0)
+        plain = MoELayer(d_model, hidden, num_experts, ROUTER, {"class_path": "lit_moe.moe.SwiGLUExperts"}, DISPATCH)
+        layers = {"plain": plain}
+        for name, fused in (("kappa", False), ("fused", True)):
+            spec = {"class_path": "lit_moe.moe.KappaSwiGLUExperts", "init_args": {"granularity": args.granularity, "fused": fused}}
+            kappa = MoELayer(d_model, hidden, num_experts, ROUTER, spec, DISPATCH)
+            kappa.load_state_dict(plain.state_dict(), strict=False)
+            with torch.no_grad():  # trained-looking κ parameters (the cost does not depend on them)
+                kappa.experts.kappa.bias.normal_(0, 0.3)
+                kappa.experts.kappa.scale.normal_(0, 0.3)
+            layers[name] = kappa
+        # Parameters stay fp32 (as under autocast); the experts cast them to the input's dtype.
+        layers = {name: layer.to(device) for name, layer in layers.items()}
+        x = torch.randn(args.tokens, d_model, device=device, dtype=dtype, requires_grad=True)
+        for layer in layers.values():  # warm-up
+            for scale in (2.0, 3.0, 3.0):  # a U change too: compiles once more, then never
+                if hasattr(layer.experts, "current_scale"):
+                    layer.experts.current_scale = scale
+                step(layer, x)
+        times: dict[str, list[float]] = {name: [] for name in layers}
+        for _ in range(args.repeats):
+            for name, layer in layers.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step(layer, x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        ms = {name: statistics.median(t) for name, t in times.items()}
+        saved = {name: saved_activation_bytes(layer, x) for name, layer in layers.items()}
+        row = {"config": f"T={args.tokens},d={d_model},E={num_experts},h={hidden},top2,{args.dtype},{device.type}",
+               "granularity": args.granularity,
+               "plain_ms": round(ms["plain"], 2), "eager_ms": round(ms["kappa"], 2), "fused_ms": round(ms["fused"], 2),
+               "time_ratio_eager": round(ms["kappa"] / ms["plain"], 3),
+               "time_ratio_fused": round(ms["fused"] / ms["plain"], 3),
+               "plain_saved_MiB": round(saved["plain"] / 2**20, 2), "kappa_saved_MiB": round(saved["fused"] / 2**20, 2),
+               "memory_ratio_eager": round(saved["kappa"] / saved["plain"], 4),
+               "memory_ratio_fused": round(saved["fused"] / saved["plain"], 4),
+               "params_ratio": round(sum(p.numel() for p in layers["fused"].parameters())
+                                     / sum(p.numel() for p in layers["plain"].parameters()), 5),
+               "threads": torch.get_num_threads()}
+        if device.type == "cuda":
+            peak = {name: cuda_peak_bytes(layer, x) for name, layer in layers.items()}
+            row["peak_ratio_fused"] = round(peak["fused"] / peak["plain"], 4)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
