@@ -197,13 +197,13 @@ def test_confidence_modes_give_the_documented_input(router):
     torch.manual_seed(0)
     layer = MoELayer(16, 8, 4, router, kappa_spec(), {"class_path": "lit_moe.moe.SortedDispatch"})
     x = torch.randn(30, 16)
-    weights = layer.router(x)
+    logits_out, weights = layer.router.logits_and_weights(x)
     w_r = layer.router.gate.weight
     logits = x @ w_r.T
     cosine = logits / (x.norm(dim=1, keepdim=True) * w_r.norm(dim=1))
     expected = {"top_logit": logits, "logit_norm": cosine, "router_weight": weights, "constant": torch.ones(30, 4)}
     for mode, value in expected.items():
-        torch.testing.assert_close(layer.router.confidence(mode), value, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.router.confidence(mode, x, logits_out, weights), value, atol=1e-6, rtol=1e-5)
     # The experts' multiplier defaults per mode: 0.15·z, 6·cos, w, 1.
     defaults = {"top_logit": 0.15, "logit_norm": 6.0, "router_weight": 1.0, "constant": 1.0}
     conf = torch.randn(7, requires_grad=True)
@@ -227,7 +227,7 @@ def test_router_gradient_through_confidence_is_scaled_and_detached_at_zero():
         randomise_kappa(layer, seed=5)
         if cut:
             original = layer.router.confidence
-            layer.router.confidence = lambda mode: original(mode).detach()
+            layer.router.confidence = lambda mode, *routing: original(mode, *routing).detach()
         return run_layer(layer, torch.randn(40, 16, generator=torch.Generator().manual_seed(1)))[2]["router.gate.weight"]
 
     g0, g_tenth, g1, cut = router_grad(0.0), router_grad(0.1), router_grad(1.0), router_grad(1.0, cut=True)
@@ -282,9 +282,9 @@ def test_kappa_statistics_on_all_pairs():
     with torch.no_grad():
         layer.experts.kappa.scale.fill_(1.0)  # κ increases with s
     x = torch.randn(60, 16)
-    weights = layer.router(x)
+    logits, weights = layer.router.logits_and_weights(x)
     layer(x)
-    s = 0.15 * layer.router.confidence("top_logit")[weights > 0]
+    s = 0.15 * layer.router.confidence("top_logit", x, logits, weights)[weights > 0]
     kappa = 3.0 ** torch.tanh(s)
     mean, std, lo, hi, corr = layer.experts.kappa_statistics().tolist()
     assert mean == pytest.approx(kappa.mean().item(), rel=1e-5)

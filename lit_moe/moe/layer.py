@@ -27,9 +27,9 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        weights = self.router(tokens, k)
+        logits, weights = self.router.logits_and_weights(tokens, k)
         mode = self.experts.confidence_mode
         if mode is None:
             return self.dispatch(tokens, weights, self.experts).reshape(shape)
-        confidence = self.router.confidence(mode)
+        confidence = self.router.confidence(mode, tokens, logits, weights)
         return self.dispatch(tokens, weights, self.experts, confidence=confidence).reshape(shape)

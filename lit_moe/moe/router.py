@@ -81,23 +81,27 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
-        """x: [T, d] → routing weights [T, E] (fp32; zeros = expert unused).
+        """x: [T, d] → routing weights [T, E] (fp32; zeros = expert unused)."""
+        return self.logits_and_weights(x, k)[1]
+
+    def logits_and_weights(self, x: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [T, d] → (fp32 logits [T, E], routing weights [T, E]); sets `aux_losses`.
 
         k: this layer's expert count from the global budget (0-d tensor), for routers with
         `uses_budget_k`; ignored by the others.
         """
         logits = self.compute_logits(x)
         weights, assigned = self.route(logits, k)
-        # Kept (graph attached) for `confidence()`, which experts may ask for after routing.
-        self._last_routing = (x, logits, weights)
         self.aux_losses = {
             "load_balance": switch_load_balance_loss(logits, assigned),
             "z_loss": router_z_loss(logits),
         }
-        return weights
+        return logits, weights
 
-    def confidence(self, mode: str) -> Tensor:
-        """Routing confidence of every (token, expert) from the last forward: [T, E] fp32, unscaled.
+    def confidence(self, mode: str, x: Tensor, logits: Tensor, weights: Tensor) -> Tensor:
+        """Routing confidence of every (token, expert): [T, E] fp32, unscaled.
+
+        x, logits, weights: the router's input and the outputs of `logits_and_weights(x)`.
 
         top_logit: the raw logit z_e; logit_norm: z_e / (‖W_r,e‖·‖x‖), a cosine in [−1, 1]
         (norms detached, so the gradient only moves the direction); router_weight: the
@@ -106,7 +110,6 @@ class Router(nn.Module):
         if mode not in self.confidence_modes:
             raise ConfigError(f"{self.layer_name}: {type(self).__name__} gives no confidence mode {mode!r}; "
                               f"available: {list(self.confidence_modes)}.")
-        x, logits, weights = self._last_routing
         if mode == "top_logit":
             return logits
         if mode == "logit_norm":
