@@ -2,6 +2,8 @@
 
 from callbacks.expert_budget import ExpertBudgetCallback
 from callbacks.kappa_schedule import KappaScheduleCallback
+from callbacks.routing_stats import RoutingStatsCallback
 from callbacks.run_info import RunInfoCallback, TokenThroughputMonitor
 
-__all__ = ["ExpertBudgetCallback", "KappaScheduleCallback", "RunInfoCallback", "TokenThroughputMonitor"]
+__all__ = ["ExpertBudgetCallback", "KappaScheduleCallback", "RoutingStatsCallback", "RunInfoCallback",
+           "TokenThroughputMonitor"]

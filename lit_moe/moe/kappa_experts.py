@@ -170,17 +170,25 @@ class KappaSwiGLUExperts(SwiGLUExperts):
         self._stats_sample = (s[pick].detach(), expert.clamp_max(self.kappa.bias.shape[0] - 1))
 
     @torch.no_grad()
-    def kappa_statistics(self) -> Tensor:
-        """[mean, std, min, max, corr] of κ over the (pair, unit) entries of the pairs sampled in
-        the last forward (with the current b, a and U), corr = Pearson correlation of the pairs'
-        s with their mean κ (0 when s is constant). A device tensor (no host sync); NaN before
-        the first forward."""
+    def kappa_sample(self) -> tuple[Tensor, Tensor] | None:
+        """(κ [pairs, units], s [pairs]) of the up to 256 pairs sampled in the last forward,
+        with the current b, a and U (device tensors); None before the first forward."""
         if self._stats_sample is None:
-            return torch.full((len(STATS_NAMES),), math.nan)
+            return None
         conf, expert = self._stats_sample
         z = torch.addcmul(self.kappa.bias[expert], self.kappa.scale[expert], conf)
-        kappa = torch.exp(math.log(self.current_scale) * torch.tanh(z))
-        pair_kappa, conf = kappa.mean(-1), conf.squeeze(-1)
+        return torch.exp(math.log(self.current_scale) * torch.tanh(z)), conf.squeeze(-1)
+
+    @torch.no_grad()
+    def kappa_statistics(self) -> Tensor:
+        """[mean, std, min, max, corr] of κ over the (pair, unit) entries of `kappa_sample()`,
+        corr = Pearson correlation of the pairs' s with their mean κ (0 when s is constant).
+        A device tensor (no host sync); NaN before the first forward."""
+        sample = self.kappa_sample()
+        if sample is None:
+            return torch.full((len(STATS_NAMES),), math.nan)
+        kappa, conf = sample
+        pair_kappa = kappa.mean(-1)
         pk, pc = pair_kappa - pair_kappa.mean(), conf - conf.mean()
         corr = (pk * pc).sum() / (pk.square().sum() * pc.square().sum()).sqrt().clamp_min(1e-12)
         return torch.stack([kappa.mean(), kappa.std(correction=0), kappa.min(), kappa.max(), corr])

@@ -3,7 +3,8 @@
 Every router returns the same representation — a dense [T, E] tensor whose zeros mark
 experts a token does not use — so dispatch and experts never branch on the router type.
 Each router owns its auxiliary losses (`aux_losses`, unweighted, from the last forward) and
-their weights; the model sums `weighted_aux_loss()` over layers. No global state.
+their weights; the model sums `weighted_aux_loss()` over layers. It also accumulates routing
+counters on its device (`metrics()` / `reset_metrics()`, see `routing_metrics`). No global state.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from lit_moe.errors import ConfigError
 from lit_moe.lapsum import soft_topk, truncate
+from lit_moe.moe.routing_metrics import SPLITS, RoutingCounters
 
 
 def switch_load_balance_loss(logits: Tensor, assigned: Tensor) -> Tensor:
@@ -59,6 +61,11 @@ class Router(nn.Module):
         self.z_weight = z_weight
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.aux_losses: dict[str, Tensor] = {}
+        # Routing counters per split ("train" / "eval"), created on first use on the logits'
+        # device. Plain attributes, not buffers: DDP broadcasts buffers from rank 0 at every
+        # forward (which would overwrite each rank's counts), and checkpoints stay unchanged.
+        self.record_metrics = True
+        self._counters: dict[str, RoutingCounters] = {}
 
     def compute_logits(self, x: Tensor) -> Tensor:
         # fp32 logits even under bf16 autocast: top-k/softmax decisions are sensitive to rounding.
@@ -96,7 +103,29 @@ class Router(nn.Module):
             "load_balance": switch_load_balance_loss(logits, assigned),
             "z_loss": router_z_loss(logits),
         }
+        if self.record_metrics:
+            self._split_counters("train" if self.training else "eval", logits.device).update(
+                logits, weights, assigned, self.aux_losses)
         return logits, weights
+
+    # -- routing statistics (read by callbacks.RoutingStatsCallback) --------------------------
+    def _split_counters(self, split: str, device: torch.device) -> RoutingCounters:
+        counters = self._counters.get(split)
+        if counters is None or counters.device != device:  # first use, or the module moved
+            counters = self._counters[split] = RoutingCounters(self.num_experts, device)
+        return counters
+
+    def metrics(self, split: str = "train") -> dict[str, Tensor]:
+        """The routing counters accumulated since the last `reset_metrics` by training ("train")
+        or evaluation ("eval") forwards: device tensors, live (copy them to keep a snapshot)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        return self._split_counters(split, self.gate.weight.device).as_dict()
+
+    def reset_metrics(self, split: str | None = None) -> None:
+        """Zero the counters of `split` (both splits when None)."""
+        for name in SPLITS if split is None else (split,):
+            self._counters.pop(name, None)
 
     def confidence(self, mode: str, x: Tensor, logits: Tensor, weights: Tensor) -> Tensor:
         """Routing confidence of every (token, expert): [T, E] fp32, unscaled.

@@ -1,0 +1,309 @@
+"""RoutingStatsCallback: how the experts are used, per MoE layer, for every router.
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.RoutingStatsCallback
+          init_args: {window: 10, plot_every: 100}
+
+The routers count during forward, on device (`Router.metrics()`, `lit_moe.moe.routing_metrics`);
+this callback only reads and resets those counters. Every `window` optimizer steps it
+- gathers the counters of all MoE layers into one flat vector and reduces it across ranks with
+  a single collective (sums for counts, max for maxima), then resets them;
+- logs, per layer, `routing/layer_XX/{load_imbalance, load_cv, dead_experts, entropy,
+  active_mean, active_p50, active_p95, active_max, dropped, load_balance, z_loss,
+  peak_imbalance}` and model-wide aggregates `routing/{load_imbalance, load_imbalance_max,
+  load_cv, dead_experts, entropy, active_mean, active_total, dropped, tokens_seen}`.
+Validation forwards fill separate counters (reset at validation start, reduced and logged at
+validation end) under `routing/val/...`; they never change the training window.
+
+Every `plot_every` steps and at the end of training (rank 0, MLflow loggers only) it adds the
+artifacts `routing/stepNNNNNN/`: `load_share.png` (layer × expert heatmap), `active_experts.png`
+(realised vs target k_l), `kappa.png` (κ histograms, κ-SwiGLU experts only), and the raw counts
+as `counts.csv` / `counts.json`. A failure there is a warning, never the end of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from callbacks.mlflow_utils import log_file_artifact, mlflow_loggers
+from lit_moe.errors import ConfigError
+from lit_moe.moe.routing_metrics import COUNTER_NAMES, MAX_COUNTERS, summarize
+
+PREFIX = {"train": "routing", "eval": "routing/val"}
+
+
+# -- reduction across ranks (plain torch.distributed, so it is testable without a Trainer) ---------
+def flatten_counters(per_layer: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+    """All layers' counters as one float64 vector, and a mask of the entries reduced by max."""
+    parts, is_max = [], []
+    for counters in per_layer:
+        for name in COUNTER_NAMES:
+            value = counters[name].detach().flatten().double()
+            parts.append(value)
+            is_max.append(torch.full_like(value, name in MAX_COUNTERS, dtype=torch.bool))
+    return torch.cat(parts), torch.cat(is_max)
+
+
+def unflatten_counters(values: Tensor, like: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Inverse of `flatten_counters` (float64 values, the shapes of `like`)."""
+    out, offset = [], 0
+    for counters in like:
+        layer = {}
+        for name in COUNTER_NAMES:
+            size = counters[name].numel()
+            layer[name] = values[offset:offset + size].view(counters[name].shape)
+            offset += size
+        out.append(layer)
+    return out
+
+
+def reduce_across_ranks(values: Tensor, is_max: Tensor) -> Tensor:
+    """Sum (max where `is_max`) of `values` over all ranks: one all_gather of the whole vector,
+    so mixed reductions still cost a single collective. A no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, values)
+    stacked = torch.stack(gathered)
+    return torch.where(is_max, stacked.amax(dim=0), stacked.sum(dim=0))
+
+
+def reduced_counters(routers: list[Any], split: str) -> list[dict[str, Tensor]]:
+    """Every router's counters of `split`, reduced across ranks, on the CPU; then resets them.
+    A collective: every rank must call it at the same point."""
+    per_layer = [router.metrics(split) for router in routers]
+    values, is_max = flatten_counters(per_layer)
+    for router in routers:
+        router.reset_metrics(split)
+    return unflatten_counters(reduce_across_ranks(values, is_max).cpu(), per_layer)
+
+
+def model_summary(counters: list[dict[str, Tensor]], layer_stats: list[dict[str, float]]) -> dict[str, float]:
+    """Model-wide aggregates of the per-layer statistics."""
+    stats = [s for s in layer_stats if s]
+    if not stats:
+        return {}
+
+    def mean(name: str) -> float:
+        return sum(s[name] for s in stats) / len(stats)
+
+    routed = sum(float(c["tokens"].sum()) for c in counters)
+    dropped = sum(float(c["dropped"]) for c in counters)
+    return {
+        "load_imbalance": mean("load_imbalance"),
+        "load_imbalance_max": max(s["load_imbalance"] for s in stats),
+        "load_cv": mean("load_cv"),
+        "dead_experts": sum(s["dead_experts"] for s in stats),
+        "entropy": mean("entropy"),
+        "active_mean": mean("active_mean"),  # per layer
+        "active_total": sum(s["active_mean"] for s in stats),  # per token, over all MoE layers
+        "dropped": dropped / (routed + dropped) if routed + dropped else 0.0,
+    }
+
+
+@dataclass
+class Window:
+    """One reduced window of one split: what was logged, kept for the plots."""
+
+    split: str
+    first_step: int
+    step: int
+    layers: list[str]
+    counters: list[dict[str, Tensor]]
+    stats: list[dict[str, float]]
+    target_k: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"split": self.split, "first_step": self.first_step, "step": self.step,
+                "layers": [{"layer": name, "target_k": k, "stats": stats,
+                            "counters": {n: c[n].tolist() for n in COUNTER_NAMES}}
+                           for name, k, stats, c in zip(self.layers, self.target_k, self.stats, self.counters)]}
+
+
+class RoutingStatsCallback(L.Callback):
+    """Args:
+        window: optimizer steps per training window (counters are reduced, logged and reset).
+        plot_every: write the plot/count artifacts every this many steps (at the first window
+            end at or after it); None: only at the end of training.
+        kappa_bins: bins of the κ histograms.
+    """
+
+    def __init__(self, window: int = 50, plot_every: int | None = 500, kappa_bins: int = 40):
+        if window < 1:
+            raise ConfigError(f"RoutingStatsCallback.window must be ≥ 1, got {window}.")
+        if plot_every is not None and plot_every < 1:
+            raise ConfigError(f"RoutingStatsCallback.plot_every must be ≥ 1 or null, got {plot_every}.")
+        if kappa_bins < 1:
+            raise ConfigError(f"RoutingStatsCallback.kappa_bins must be ≥ 1, got {kappa_bins}.")
+        self.window = window
+        self.plot_every = plot_every
+        self.kappa_bins = kappa_bins
+        self.tokens_seen = 0  # training tokens through the MoE layers (all ranks); resumes
+        self.latest: dict[str, Window] = {}  # last reduced window per split
+        self._enabled = True
+        self._window_start = 0
+        self._last_plot_step: int | None = None
+
+    @staticmethod
+    def _routers(pl_module: L.LightningModule) -> list[tuple[int, Any]]:
+        return list(pl_module.model.routers())
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._enabled = bool(self._routers(pl_module))
+        if not self._enabled:
+            rank_zero_warn("RoutingStatsCallback: the model has no MoE layers; no routing statistics.")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for _, router in self._routers(pl_module):
+            router.reset_metrics("train")
+        self._window_start = trainer.global_step
+        self._last_plot_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # global_step counts optimizer steps, so under gradient accumulation a window still
+        # spans `window` steps; every rank reaches the same decision (the reduce is collective).
+        step = trainer.global_step
+        if self._enabled and step - self._window_start >= self.window:
+            self._close_train_window(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._enabled:
+            return
+        step = trainer.global_step
+        if step > self._window_start:  # the last, partial window
+            self._close_train_window(trainer, pl_module, step, plot=False)
+        if self._last_plot_step != step and "train" in self.latest:
+            self._write_artifacts(trainer, pl_module, step)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for _, router in self._routers(pl_module):
+            router.reset_metrics("eval")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._enabled and self._routers(pl_module) and not trainer.sanity_checking:
+            step = trainer.global_step
+            self.latest["eval"] = self._reduce_and_log(trainer, pl_module, "eval", step, step)
+
+    # -- windows ---------------------------------------------------------------------------------
+    def _close_train_window(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int,
+                            plot: bool = True) -> None:
+        self.latest["train"] = self._reduce_and_log(trainer, pl_module, "train", self._window_start, step)
+        self._window_start = step
+        due = self.plot_every is not None and step - (self._last_plot_step or 0) >= self.plot_every
+        if plot and due:
+            self._write_artifacts(trainer, pl_module, step)
+
+    def _reduce_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, first_step: int,
+                        step: int) -> Window:
+        routers = self._routers(pl_module)
+        layers = [f"layer_{i:02d}" for i, _ in routers]
+        counters = reduced_counters([router for _, router in routers], split)
+        stats = [summarize(c) for c in counters]
+        prefix = PREFIX[split]
+        metrics = {f"{prefix}/{layer}/{name}": value
+                   for layer, layer_stats in zip(layers, stats) for name, value in layer_stats.items()}
+        metrics.update({f"{prefix}/{name}": value for name, value in model_summary(counters, stats).items()})
+        if split == "train":
+            self.tokens_seen += int(counters[0]["active_hist"].sum())
+            metrics["routing/tokens_seen"] = float(self.tokens_seen)
+        metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        return Window(split, first_step, step, layers, counters, stats, self._target_k(pl_module, routers))
+
+    @staticmethod
+    def _target_k(pl_module: L.LightningModule, routers: list[tuple[int, Any]]) -> list[float]:
+        """Per-layer expert count the routing aims at: the budget's k_l, else the router's k."""
+        budget = getattr(pl_module.model, "budget", None)
+        if budget is None:
+            return [float(router.expected_active_experts()) for _, router in routers]
+        k = budget.k().detach()
+        if hasattr(k, "full_tensor"):  # a sharded (FSDP2) η: collective, called on every rank
+            k = k.full_tensor()
+        return [float(v) for v in k.cpu()]
+
+    # -- artifacts -------------------------------------------------------------------------------
+    def _kappa_samples(self, pl_module: L.LightningModule) -> tuple[list[str], list[np.ndarray], list[float]]:
+        names, samples, scales = [], [], []
+        for i, layer in pl_module.model.moe_layers():
+            sample = layer.experts.kappa_sample() if hasattr(layer.experts, "kappa_sample") else None
+            if sample is not None:
+                names.append(f"layer_{i:02d}")
+                samples.append(sample[0].float().cpu().numpy())
+                scales.append(float(layer.experts.current_scale))
+        return names, samples, scales
+
+    def _write_artifacts(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        self._last_plot_step = step
+        if not trainer.is_global_zero or not mlflow_loggers(trainer):
+            return
+        try:
+            with tempfile.TemporaryDirectory(prefix="routing-") as tmp:
+                for path in self._render(pl_module, Path(tmp)):
+                    log_file_artifact(trainer, str(path), f"routing/step{step:06d}")
+        except Exception as err:  # noqa: BLE001 — plots are diagnostics: never end a run for them
+            warnings.warn(f"RoutingStatsCallback: could not write the routing plots at step {step}: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
+
+    def _render(self, pl_module: L.LightningModule, out: Path) -> list[Path]:
+        from callbacks import routing_plots  # matplotlib only when plotting
+
+        train = self.latest["train"]
+        span = f"steps {train.first_step}–{train.step}"
+        written = []
+        tokens = np.stack([c["tokens"].numpy() for c in train.counters])
+        figures = {
+            "load_share.png": routing_plots.load_share_heatmap(train.layers, tokens, f"load share, {span}"),
+            "active_experts.png": routing_plots.active_experts_chart(
+                train.layers, [s.get("active_mean", math.nan) for s in train.stats],
+                [s.get("active_p95", math.nan) for s in train.stats],
+                [s.get("active_max", math.nan) for s in train.stats], train.target_k,
+                f"active experts per token vs target, {span}"),
+        }
+        kappa_layers, kappa, scales = self._kappa_samples(pl_module)
+        if kappa_layers:
+            figures["kappa.png"] = routing_plots.kappa_histograms(
+                kappa_layers, kappa, scales, f"κ of sampled pairs, step {train.step}", bins=self.kappa_bins)
+        for name, figure in figures.items():
+            figure.savefig(out / name, dpi=110)
+            written.append(out / name)
+        windows = [w for w in (self.latest.get("train"), self.latest.get("eval")) if w is not None]
+        with open(out / "counts.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["split", "first_step", "step", "layer", "expert", "tokens", "weight", "load_share"])
+            for w in windows:
+                for layer, c in zip(w.layers, w.counters):
+                    total = float(c["tokens"].sum()) or 1.0
+                    for e, (t, wt) in enumerate(zip(c["tokens"].tolist(), c["weight"].tolist())):
+                        writer.writerow([w.split, w.first_step, w.step, layer, e, int(t), wt, t / total])
+        (out / "counts.json").write_text(json.dumps({w.split: w.to_json() for w in windows}, indent=1))
+        return [*written, out / "counts.csv", out / "counts.json"]
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = int(state_dict.get("tokens_seen", 0))
+
+
+__all__ = ["RoutingStatsCallback", "flatten_counters", "unflatten_counters", "reduce_across_ranks",
+           "reduced_counters", "model_summary"]
