@@ -1,4 +1,5 @@
-"""lit-moe command line: LightningCLI `fit`, `validate`, `test` (+ `--print_config`).
+"""lit-moe command line: LightningCLI `fit`, `validate`, `test` (+ `--print_config`), plus
+`evaluate` (CORE, evaluation/cli.py) and `report` (run comparison, evaluation/report.py).
 
     python cli.py fit --config conf/tiny.yaml
     python cli.py fit --config conf/tiny.yaml --ckpt_path last      # resume
@@ -91,6 +92,11 @@ def main(args: list[str] | None = None) -> None:
             from evaluation.cli import main as evaluate
 
             evaluate(argv[1:])
+            return
+        if argv[:1] == ["report"]:  # compare runs from the MLflow store: evaluation/report.py
+            from evaluation.report import main as report
+
+            report(argv[1:])
             return
         LitMoECLI(
             LitMoE,
