@@ -48,7 +48,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["soft_topk", "truncate"]
+__all__ = ["soft_topk", "sparse_soft_topk", "truncate"]
 
 
 def _root_in_interval(u: Tensor, j: Tensor, k: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,23 +71,14 @@ def _root_in_interval(u: Tensor, j: Tensor, k: Tensor, alpha: Tensor) -> tuple[T
     a = torch.where(above, e, zero).sum(-1, keepdim=True).log()  # −inf when j = E
     b = torch.where(above, zero, e).sum(-1, keepdim=True).log()  # −inf when j = 0
 
-    m = (E - j) - k[:, None]
-    # log(|m| + √(m² + A_j B_j)) in log space: A_j B_j = e^(a + b + u_j − u_{j+1}) can
-    # underflow when the interval is wide, and with m = 0 (integer k) the root is all of it.
-    log_ab = a + b + (lo - hi) / alpha  # −inf at the two outer intervals
-    log_m = torch.log(m.abs())
-    log_root = torch.logaddexp(log_m, 0.5 * torch.logaddexp(2 * log_m, log_ab))
-    upper = m >= 0  # j < E here; j > 0 in the other branch (k ∈ (0, E))
-    # The unused branch may be inf/nan; torch.where discards it and nothing backprops here.
-    delta = torch.where(upper, log_root - a, b - log_root)
-    anchor = torch.where(upper, hi, lo)
-    return anchor, delta
+    return _root_from_sums(a, b, hi, lo, (E - j) - k[:, None], alpha)
 
 
-def _threshold_offsets(r: Tensor, k: Tensor, alpha: Tensor) -> Tensor:
-    """t = (r − b)/α for rows r [N, E], k [N], 0-d α (all in the compute dtype)."""
+def _threshold_offsets(r: Tensor, k: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """t = (r − b)/α for rows r [N, E], k [N], 0-d α (all in the compute dtype), by a full
+    sort; also the row's indices in descending score order [N, E]."""
     E = r.shape[-1]
-    u, _ = r.sort(dim=-1)  # ascending
+    u, order = r.sort(dim=-1)  # ascending
     s = u / alpha
     pos = torch.arange(E, device=r.device)
 
@@ -107,36 +98,151 @@ def _threshold_offsets(r: Tensor, k: Tensor, alpha: Tensor) -> Tensor:
     # (F is C¹), so after this pass the error is at rounding level.
     j = ((u - anchor) / alpha <= delta).sum(-1, keepdim=True)
     anchor, delta = _root_in_interval(u, j, k, alpha)
-    return (r - anchor) / alpha - delta
+    return torch.addcdiv(-delta, r - anchor, alpha), order.flip(-1)
+
+
+def _top_threshold_offsets(r: Tensor, k: Tensor, alpha: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The same t as `_threshold_offsets`, from the m largest scores only (m < E, m > 2·max k).
+
+    At the root c every score ≥ c has F ≥ ½, so fewer than 2k scores reach c (Σ F = k): the
+    root lies above the m-th largest score v_m, and only the top m scores can be "above" in
+    the quadratic. The rest enter through one sum R = Σ_rest e^((r − v_m)/α) ≤ E − m (all
+    exponents ≤ 0). A partial sort (topk) replaces the sort; knots S(v_q) are computed from
+    pairwise differences of the m top scores (exact, so one pass picks the interval).
+    Returns t [N, E] and the indices of the m largest scores in descending order [N, m].
+    """
+    v, order = r.topk(m, dim=-1)  # descending
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    # In place and the top entries zeroed by index: this [N, E] pass is most of the cost.
+    rest_sum = (r - v[:, -1:]).div_(alpha).exp_().scatter_(-1, order, 0.0).sum(-1, keepdim=True)
+    log_rest = rest_sum.log()  # −inf when nothing outside the top m carries weight
+
+    # S(v_q) = Σ_{top i} F((v_i − v_q)/α) + ½·R·e^((v_m − v_q)/α), for every top knot q.
+    diff = (v[:, None, :] - v[:, :, None]) / alpha  # [N, q, i]
+    half = 0.5 * torch.exp(-diff.abs())
+    knot = torch.where(diff > 0, 1.0 - half, half).sum(-1) + 0.5 * torch.exp(log_rest + (v[:, -1:] - v) / alpha)
+    # S falls as c rises: knots with S < k lie above the root. n = how many top scores are
+    # above c; c ∈ [v_n, v_(n−1)] (0-based; no upper end when n = 0). n ≤ m − 1 by the bound.
+    n = (knot < k[:, None]).sum(-1, keepdim=True).clamp(max=m - 1)
+    pos = torch.arange(m, device=r.device)
+    above = pos < n
+    hi = v.gather(-1, (n - 1).clamp(min=0))  # smallest score above c (unused when n = 0)
+    lo = v.gather(-1, n)  # largest score below c
+    # a = log Σ_above e^((hi − v_i)/α), b = log(Σ_{top below} e^((v_i − lo)/α) + R·e^((v_m − lo)/α)):
+    # every exponent ≤ 0 and the anchor's own term is 1.
+    e = torch.exp(torch.where(above, hi - v, v - lo) / alpha)
+    a = torch.where(above, e, zero).sum(-1, keepdim=True).log()  # −inf when n = 0
+    b = torch.logaddexp(torch.where(above, zero, e).sum(-1, keepdim=True).log(),
+                        log_rest + (v[:, -1:] - lo) / alpha)
+    anchor, delta = _root_from_sums(a, b, hi, lo, n - k[:, None], alpha)
+    return torch.addcdiv(-delta, r - anchor, alpha), order  # (r − anchor)/α − delta
+
+
+def _root_from_sums(a: Tensor, b: Tensor, hi: Tensor, lo: Tensor, m: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """(anchor, delta) with c = anchor/α + delta from the anchored log-sums of an interval
+    [lo, hi] and m = (#scores above) − k; see the module docstring."""
+    # log(|m| + √(m² + A_j B_j)) in log space: A_j B_j = e^(a + b + u_j − u_{j+1}) can
+    # underflow when the interval is wide, and with m = 0 (integer k) the root is all of it.
+    log_ab = a + b + (lo - hi) / alpha  # −inf at the two outer intervals
+    log_m = torch.log(m.abs())
+    log_root = torch.logaddexp(log_m, 0.5 * torch.logaddexp(2 * log_m, log_ab))
+    upper = m >= 0  # something lies above in this branch; something below in the other
+    # The unused branch may be inf/nan; torch.where discards it and nothing backprops here.
+    delta = torch.where(upper, log_root - a, b - log_root)
+    anchor = torch.where(upper, hi, lo)
+    return anchor, delta
+
+
+def _top_count(E: int, k_max: float, cap: float | None = None) -> int:
+    """Top scores the threshold needs (> 2·k_max, see `_top_threshold_offsets`), and at least
+    the ⌈k_max·cap⌉ a truncation with `cap` can keep; E means a full sort."""
+    m = math.floor(2 * k_max) + 1
+    if cap is not None:
+        m = max(m, math.ceil(k_max * cap))
+    return min(E, m)
 
 
 class _SoftTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r: Tensor, k: Tensor, alpha: Tensor) -> Tensor:
-        t = _threshold_offsets(r, k, alpha)
-        h = 0.5 * torch.exp(-t.abs())  # = f(t); F(t) = h or 1 − h
-        ctx.save_for_backward(t, alpha)
-        return torch.where(t > 0, 1.0 - h, h)
+    """p = F(t) with the threshold offsets t; the backward of METHODS §2.1 from saved e.
+
+    With a = −|t| and its row max a*, e = e^(a − a*) gives both the density
+    f(t) = ½e^(a*)·e and q = f/Σf = e/Σe; the shift keeps q finite where every f underflows
+    (hard limit: integer k across a wide gap), which Σf in the denominator would not.
+    """
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        t, alpha = ctx.saved_tensors
-        need_r, need_k, need_alpha = ctx.needs_input_grad
-        d = 0.5 * torch.exp(-t.abs())
-        q = torch.softmax(-t.abs(), dim=-1)  # d / Σd without the 0/0 of the hard limit
-        qg = (q * g).sum(-1, keepdim=True)
-        grad_r = d / alpha * (g - qg) if need_r else None
+    def forward(ctx, r: Tensor, k: Tensor, alpha: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        if m < r.shape[-1]:
+            t, order = _top_threshold_offsets(r, k, alpha, m)
+        else:
+            t, order = _threshold_offsets(r, k, alpha)
+        a = t.abs().neg_()
+        a_max = a.amax(-1, keepdim=True)
+        e = a.sub_(a_max).exp_()  # reuses a's storage
+        h = e * (0.5 * a_max.exp())  # = f(t); F(t) = h or 1 − h
+        ctx.save_for_backward(t, e, a_max, alpha)
+        ctx.mark_non_differentiable(order)
+        return torch.where(t > 0, 1.0 - h, h), order
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _order_grad: Tensor | None):
+        t, e, a_max, alpha = ctx.saved_tensors
+        need_r, need_k, need_alpha, _ = ctx.needs_input_grad
+        e_sum = e.sum(-1, keepdim=True)
+        qg = (e * g).sum(-1, keepdim=True) / e_sum  # ⟨q, g⟩
+        grad_r = (g - qg).mul_(e).mul_(0.5 * a_max.exp() / alpha) if need_r else None  # (d/α)(g − ⟨q,g⟩)
         grad_k = qg.squeeze(-1) if need_k else None
         grad_alpha = None
         if need_alpha:
-            qt = (q * t).sum(-1, keepdim=True)
-            grad_alpha = -(g * d * (t - qt)).sum() / alpha
-        return grad_r, grad_k, grad_alpha
+            qt = (e * t).sum(-1, keepdim=True) / e_sum
+            grad_alpha = -(g * e * (0.5 * a_max.exp()) * (t - qt)).sum() / alpha
+        return grad_r, grad_k, grad_alpha, None
 
 
 def _cheap_checks_allowed() -> bool:
     # Reading a tensor's value forces a host sync and breaks torch.compile graphs.
     return not torch.compiler.is_compiling()
+
+
+def _prepare(scores: Tensor, k: float | Tensor, alpha: float | Tensor, cap: float | None
+             ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Validate; return (rows r [N, E], k per row [N], 0-d α, top scores needed m)."""
+    if scores.dim() < 1 or scores.shape[-1] < 1:
+        raise ValueError(
+            f"soft_topk: scores need a non-empty last dim, got shape {tuple(scores.shape)}"
+        )
+    E = scores.shape[-1]
+    batch = scores.shape[:-1]
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    check = _cheap_checks_allowed()
+
+    if isinstance(k, Tensor):
+        m = E  # without reading k, only a full sort is safe
+        if check and k.numel() > 0:
+            kmin, kmax = (v.item() for v in torch.aminmax(k.detach().double()))
+            if not (kmin > 0 and kmax < E):
+                raise ValueError(
+                    f"soft_topk: k must lie in (0, E) = (0, {E}); got k in [{kmin}, {kmax}]"
+                )
+            m = _top_count(E, kmax, cap)
+        k_rows = torch.broadcast_to(k.to(device=scores.device, dtype=dtype), batch).reshape(-1)
+    else:
+        if not 0 < k < E:
+            raise ValueError(f"soft_topk: k must lie in (0, E) = (0, {E}); got k={k}")
+        m = _top_count(E, float(k), cap)
+        k_rows = torch.full((math.prod(batch),), float(k), dtype=dtype, device=scores.device)
+
+    if isinstance(alpha, Tensor):
+        if alpha.numel() != 1:
+            raise ValueError(f"soft_topk: alpha must be a scalar, got shape {tuple(alpha.shape)}")
+        if check and not alpha.item() > 0:
+            raise ValueError(f"soft_topk: alpha must be > 0, got {alpha.item()}")
+        alpha_t = alpha.to(device=scores.device, dtype=dtype).reshape(())
+    else:
+        if not alpha > 0:
+            raise ValueError(f"soft_topk: alpha must be > 0, got {alpha}")
+        alpha_t = torch.tensor(float(alpha), dtype=dtype, device=scores.device)
+    return scores.to(dtype).reshape(-1, E), k_rows, alpha_t, m
 
 
 def soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0) -> Tensor:
@@ -150,43 +256,35 @@ def soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0) ->
     Raises ValueError for k outside (0, E) or alpha ≤ 0.  Python floats are always
     checked; tensor k / alpha are checked with one min/max read, skipped under
     torch.compile (out-of-range values then give meaningless weights, not an error).
+    When k < (E − 1)/2 is known (a float, or a checked tensor) the threshold comes from the
+    top ⌊2k⌋ + 1 scores (a partial sort); otherwise from a full sort.
     """
-    if scores.dim() < 1 or scores.shape[-1] < 1:
-        raise ValueError(
-            f"soft_topk: scores need a non-empty last dim, got shape {tuple(scores.shape)}"
-        )
-    E = scores.shape[-1]
-    batch = scores.shape[:-1]
-    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    check = _cheap_checks_allowed()
-
-    if isinstance(k, Tensor):
-        if check and k.numel() > 0:
-            kmin, kmax = (v.item() for v in torch.aminmax(k.detach().float()))
-            if not (kmin > 0 and kmax < E):
-                raise ValueError(
-                    f"soft_topk: k must lie in (0, E) = (0, {E}); got k in [{kmin}, {kmax}]"
-                )
-        k_rows = torch.broadcast_to(k.to(device=scores.device, dtype=dtype), batch).reshape(-1)
-    else:
-        if not 0 < k < E:
-            raise ValueError(f"soft_topk: k must lie in (0, E) = (0, {E}); got k={k}")
-        k_rows = torch.full((math.prod(batch),), float(k), dtype=dtype, device=scores.device)
-
-    if isinstance(alpha, Tensor):
-        if alpha.numel() != 1:
-            raise ValueError(f"soft_topk: alpha must be a scalar, got shape {tuple(alpha.shape)}")
-        if check and not alpha.item() > 0:
-            raise ValueError(f"soft_topk: alpha must be > 0, got {alpha.item()}")
-        alpha_t = alpha.to(device=scores.device, dtype=dtype).reshape(())
-    else:
-        if not alpha > 0:
-            raise ValueError(f"soft_topk: alpha must be > 0, got {alpha}")
-        alpha_t = torch.tensor(float(alpha), dtype=dtype, device=scores.device)
-
-    r = scores.to(dtype).reshape(-1, E)
-    p = _SoftTopK.apply(r, k_rows, alpha_t)
+    r, k_rows, alpha_t, m = _prepare(scores, k, alpha, None)
+    p, _ = _SoftTopK.apply(r, k_rows, alpha_t, m)
     return p.reshape(scores.shape).to(scores.dtype)
+
+
+def sparse_soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0, theta: float = 1.8,
+                     cap: float = 2.0) -> Tensor:
+    """``truncate(soft_topk(scores, k, alpha), k, theta, cap)`` in one pass: the truncation
+    reuses the soft top-k's ranking of the scores (p is increasing in the score), so it
+    needs no sort of its own. Same arguments, checks and gradients as the two calls."""
+    _check_truncation(k, theta, cap)
+    r, k_rows, alpha_t, m = _prepare(scores, k, alpha, cap)
+    p, order = _SoftTopK.apply(r, k_rows, alpha_t, m)
+    # k in fp64 as given (not the fp32 copy), so ⌈k·cap⌉ is the same as `truncate`'s.
+    k64 = torch.broadcast_to(torch.as_tensor(k, device=r.device).detach().to(torch.float64), scores.shape[:-1])
+    w = _truncate_ranked(p, order, p.detach().gather(-1, order), k64.reshape(-1), theta, cap)
+    return w.reshape(scores.shape).to(scores.dtype)
+
+
+def _check_truncation(k: float | Tensor, theta: float, cap: float) -> None:
+    if not theta >= 0:
+        raise ValueError(f"truncate: theta must be >= 0, got {theta}")
+    if not cap >= 1:
+        raise ValueError(f"truncate: cap must be >= 1, got {cap}")
+    if not isinstance(k, Tensor) and not k > 0:
+        raise ValueError(f"truncate: k must be > 0, got {k}")
 
 
 def truncate(p: Tensor, k: float | Tensor, theta: float = 1.8, cap: float = 2.0) -> Tensor:
@@ -197,32 +295,34 @@ def truncate(p: Tensor, k: float | Tensor, theta: float = 1.8, cap: float = 2.0)
     (entries tied at p_(m) beyond rank m are dropped; which of the tied ones is up to topk).
     Gradients flow to the kept entries unchanged; the mask itself is not differentiated.
     """
-    if not theta >= 0:
-        raise ValueError(f"truncate: theta must be >= 0, got {theta}")
-    if not cap >= 1:
-        raise ValueError(f"truncate: cap must be >= 1, got {cap}")
-    if not isinstance(k, Tensor) and not k > 0:
-        raise ValueError(f"truncate: k must be > 0, got {k}")
+    _check_truncation(k, theta, cap)
     E = p.shape[-1]
     batch = p.shape[:-1]
     # Compare in fp32 (fp64 for fp64 p): exact for bf16/fp16 weights, no rounding of τ to bf16.
     pd = p.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32)
-
-    # fp64 for ⌈k·cap⌉ so that e.g. 1.5·2 is not rounded up to 4.
     k64 = torch.broadcast_to(torch.as_tensor(k, device=p.device).detach().to(torch.float64), batch)
-    m = torch.ceil(k64 * cap).clamp(1, E).long()
     # Only the m largest can survive. A Python k gives m on the host (partial top-m); a
     # tensor k would need a host sync for that, so it sorts the whole row instead.
     m_max = E if isinstance(k, Tensor) else min(math.ceil(k * cap), E)
-
     top, order = pd.topk(m_max, dim=-1, sorted=True)  # descending
-    p_m = top.gather(-1, (m - 1).unsqueeze(-1))
-    tau = (theta * k64 / E).to(pd.dtype).unsqueeze(-1)  # after ⌈·⌉, fp32 is enough
-    tau = torch.minimum(torch.maximum(tau, p_m), top[..., :1])
+    return _truncate_ranked(p, order, top, k64, theta, cap)
 
+
+def _truncate_ranked(p: Tensor, order: Tensor, top: Tensor, k64: Tensor, theta: float, cap: float) -> Tensor:
+    """The truncation given the row's ranking: `order` [..., M] indices of the M largest p
+    (descending, M ≥ ⌈k·cap⌉ or M = E) and `top` their values in fp32/fp64; k64 per row (fp64)."""
+    E = p.shape[-1]
+    M = order.shape[-1]
+    # fp64 for ⌈k·cap⌉ so that e.g. 1.5·2 is not rounded up to 4.
+    m = torch.ceil(k64 * cap).clamp(1, min(E, M)).long()
+    p_m = top.gather(-1, (m - 1).unsqueeze(-1))
+    tau = (theta * k64 / E).to(top.dtype).unsqueeze(-1)  # after ⌈·⌉, fp32 is enough
+    tau = torch.minimum(torch.maximum(tau, p_m), top[..., :1])
     # Keep by rank, not just by value, so ties at p_(m) cannot push the count past m;
     # rank 0 always passes (τ ≤ p_(1)), so at least one survives.
-    rank = torch.arange(m_max, device=p.device)
-    keep_sorted = (top >= tau) & (rank < m.unsqueeze(-1))
-    keep = torch.zeros(pd.shape, dtype=torch.bool, device=p.device).scatter_(-1, order, keep_sorted)
-    return torch.where(keep, p, torch.zeros((), dtype=p.dtype, device=p.device))
+    rank = torch.arange(M, device=p.device)
+    keep_ranked = (top >= tau) & (rank < m.unsqueeze(-1))
+    # Gather the ranked entries, zero the dropped ones, scatter back: only [..., M] work
+    # besides the zero fill, and the gradient reaches exactly the kept entries.
+    kept = p.gather(-1, order) * keep_ranked
+    return torch.zeros_like(p).scatter(-1, order, kept)

@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lit_moe.lapsum import soft_topk, truncate
+from lit_moe import lapsum
+from lit_moe.lapsum import soft_topk, sparse_soft_topk, truncate
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -373,6 +374,67 @@ def test_truncate_keeps_dtype_and_validates():
     with pytest.raises(ValueError, match="cap"):
         truncate(p, 2.0, cap=0.9)
     assert truncate(torch.zeros(0, 8), 2.0).shape == (0, 8)
+
+
+# ----------------------------------------------------------------------------- partial sort
+@SETTINGS
+@given(problems(), ALPHAS)
+def test_partial_sort_path_matches_full_sort(problem, alpha):
+    """The top-⌊2k⌋+1 threshold (topk) equals the full-sort one, in values and gradients."""
+    scores, k = problem
+    E = scores.shape[-1]
+    k_max = float(torch.as_tensor(k).max())
+    m = lapsum._top_count(E, k_max)
+    if m >= E:  # k ≥ (E − 1)/2: both paths are the full sort
+        return
+    k_rows = torch.broadcast_to(torch.as_tensor(k, dtype=torch.float32), scores.shape[:-1]).reshape(-1)
+    outs = []
+    for count in (E, m):
+        r = scores.clone().requires_grad_()
+        kr = k_rows.clone().requires_grad_()
+        a = torch.tensor(alpha).requires_grad_()
+        p, order = lapsum._SoftTopK.apply(r, kr, a, count)
+        assert order.shape[-1] == count
+        (p * torch.linspace(-1, 1, E)).sum().backward()
+        outs.append((p.detach(), r.grad, kr.grad, a.grad))
+    (p_full, *g_full), (p_top, *g_top) = outs
+    torch.testing.assert_close(p_top, p_full, rtol=2e-5, atol=1e-7)
+    for got, want in zip(g_top, g_full):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@SETTINGS
+@given(problems(), st.floats(0.0, 5.0), st.floats(1.0, 3.0), st.booleans())
+def test_sparse_soft_topk_equals_truncate_of_soft_topk(problem, theta, cap, tensor_k):
+    scores, k = problem
+    k_arg = torch.as_tensor(k, dtype=torch.float32).expand(scores.shape[0]).clone() if tensor_k else k
+    up = torch.randn(scores.shape)
+    results = []
+    for fused in (True, False):
+        r = scores.clone().requires_grad_()
+        w = sparse_soft_topk(r, k_arg, 1.0, theta, cap) if fused else truncate(soft_topk(r, k_arg, 1.0), k_arg,
+                                                                                  theta, cap)
+        (w * up).sum().backward()
+        results.append((w.detach(), r.grad))
+    (w_fused, g_fused), (w_two, g_two) = results
+    # Same kept set (up to ties, where the pick among equals may differ) and the same values.
+    assert torch.equal((w_fused != 0).sum(-1), (w_two != 0).sum(-1))
+    torch.testing.assert_close(w_fused.sort(-1).values, w_two.sort(-1).values, rtol=1e-6, atol=0)
+    if not (scores[:, None, :] == scores[:, :, None]).sum((-1, -2)).gt(scores.shape[-1]).any():  # no ties
+        torch.testing.assert_close(w_fused, w_two, rtol=1e-6, atol=0)
+        torch.testing.assert_close(g_fused, g_two, rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_soft_topk_hand_checked_row():
+    """One row through both steps by hand: p from the bisection reference, τ = θ·k/E."""
+    scores = torch.tensor([[3.0, 1.0, 0.5, -1.0, -2.0, -4.0]])
+    p_ref, _ = reference(scores.numpy(), 1.0, 1.0)
+    w = sparse_soft_topk(scores, 1.0, 1.0, theta=0.6, cap=2.0)  # τ = 0.1, at most 2 kept
+    kept = [i for i in range(6) if p_ref[0, i] >= 0.1][:2]
+    assert len(kept) == 2
+    expected = torch.zeros(1, 6, dtype=torch.float64)
+    expected[0, kept] = torch.from_numpy(p_ref[0, kept])
+    torch.testing.assert_close(w.double(), expected, rtol=1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------- timing
