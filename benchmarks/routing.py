@@ -1,6 +1,7 @@
 """Routing cost: SoftMoE (LapSum soft top-k + truncation) vs top-k + softmax.
 
-1. Selection only, forward + backward, 8192 tokens, E ∈ {8, 32, 64}: `soft_topk` + `truncate`
+1. Selection only, forward + backward, 8192 tokens, E ∈ {8, 32, 64}: `sparse_soft_topk`
+   (soft top-k + truncation, as SoftTopKRouter calls it)
    on given logits vs `torch.topk` + softmax over the winners (the ratio the issue targets).
 2. The same including each router's gate (d=512 linear, fp32 logits) and aux losses.
 3. A tiny-config training step (conf/tiny.yaml sizes) with SoftTopKRouter vs TopKRouter at
@@ -20,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lit_moe.lapsum import soft_topk, truncate
+from lit_moe.lapsum import sparse_soft_topk
 from lit_moe.model import ModelConfig, Transformer
 from lit_moe.moe import SoftTopKRouter, TopKRouter
 
@@ -49,7 +50,7 @@ def selection(tokens: int, experts: int, repeats: int) -> dict:
     upstream = torch.randn(tokens, experts)
 
     def soft():
-        w = truncate(soft_topk(logits, 2.0, 1.0), 2.0, 1.8, 2.0)
+        w = sparse_soft_topk(logits, 2.0, 1.0, 1.8, 2.0)  # = truncate(soft_topk(...)), as the router calls it
         (w * upstream).sum().backward()
 
     def topk():
@@ -64,7 +65,7 @@ def selection(tokens: int, experts: int, repeats: int) -> dict:
 
 def router(tokens: int, experts: int, d_model: int, repeats: int) -> dict:
     x = torch.randn(tokens, d_model, requires_grad=True)
-    soft_router = SoftTopKRouter(d_model, experts, k=2.0, check_finite=False)
+    soft_router = SoftTopKRouter(d_model, experts, k=2.0)
     topk_router = TopKRouter(d_model, experts, top_k=2)
     upstream = torch.randn(tokens, experts)
 
@@ -82,7 +83,7 @@ def router(tokens: int, experts: int, d_model: int, repeats: int) -> dict:
 def training_step(repeats: int) -> dict:
     base = dict(vocab_size=8192, seq_len=256, d_model=192, n_layers=4, n_heads=4, num_experts=8, expert_hidden=256)
     soft_cfg = ModelConfig(**base, router={"class_path": "lit_moe.moe.SoftTopKRouter",
-                                           "init_args": {"k": 2.0, "theta": 0.0, "cap": 1.0, "check_finite": False}})
+                                           "init_args": {"k": 2.0, "theta": 0.0, "cap": 1.0}})
     topk_cfg = ModelConfig(**base, router={"class_path": "lit_moe.moe.TopKRouter", "init_args": {"top_k": 2}})
     batch = torch.randint(0, 8192, (16, 257))
 
@@ -110,7 +111,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip_step", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (1 is steadier on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     for experts in (8, 32, 64):
