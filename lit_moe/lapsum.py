@@ -30,6 +30,13 @@ interval, the root lies within some small δ of a knot, and the wrong interval's
 differs from S there only by O(δ²) (F is C¹).  One fixed second pass re-picks the interval
 by comparing the scores with that root (precise) and solves again: error at rounding level.
 
+Partial sort.  Every score at or above the root c has F ≥ ½, so fewer than 2k of them
+reach c: the root lies above the (⌊2k⌋+1)-th largest score v_m.  When m = ⌊2k⌋+1 < E only
+the top m scores can be "above" in the quadratic, the others enter through one anchored
+sum R = Σ_rest e^((r_i − v_m)/α) ≤ E − m, and a partial sort (topk) replaces the sort;
+the knots S(v_q) then come from pairwise differences of the top scores (precise), so one
+pass picks the interval.  Routing uses k ≪ E, where this is most of the speed.
+
 Gradients.  With t_i = s_i − c, d_i = f(t_i), q = d/Σd and upstream g, differentiating
 Σ F(r_i/α − c) = k implicitly gives::
 
