@@ -43,6 +43,39 @@ def _batch_size(value: int | str | None) -> int:
     return size
 
 
+class PackedRow:
+    """One model input: a context, then continuations that each see only the context.
+
+    tokens: context + each continuation without its last token (never an input);
+    positions: the position each token would have in its own request;
+    scored_at[i]: indices in `tokens` whose next-token logits score continuation i
+    (the last context token for its first token, then its own tokens).
+    """
+
+    def __init__(self, context: tuple[int, ...]):
+        self.context = context
+        self.tokens = list(context)
+        self.positions = list(range(len(context)))
+        self.segments = [0] * len(context)  # 0: context, i: continuation i
+        self.targets: list[tuple[int, ...]] = []
+        self.scored_at: list[list[int]] = []
+
+    def add(self, target: tuple[int, ...]) -> None:
+        start = len(self.tokens)
+        self.targets.append(target)
+        self.scored_at.append([len(self.context) - 1, *range(start, start + len(target) - 1)])
+        self.tokens += target[:-1]
+        self.positions += range(len(self.context), len(self.context) + len(target) - 1)
+        self.segments += [len(self.targets)] * (len(target) - 1)
+
+    def mask(self) -> torch.Tensor:
+        """[n, n] bool: causal, and a continuation token sees the context and its own segment."""
+        segments = torch.tensor(self.segments)
+        n = len(segments)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        return causal & ((segments[None, :] == 0) | (segments[None, :] == segments[:, None]))
+
+
 @register_model("lit_moe")
 class LitMoELM(TemplateLM):
     """A lit-moe ``Transformer`` plus its tokenizer as an lm-eval language model.
@@ -144,56 +177,90 @@ class LitMoELM(TemplateLM):
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
-        """(sum of continuation log-probs, continuation is the greedy choice) per request."""
+        """(sum of continuation log-probs, continuation is the greedy choice) per request.
+
+        Requests whose model input starts with the same context (a multiple-choice item's
+        choices) are packed into one row: the context once, then each continuation, every
+        continuation token attending to the context and to its own earlier tokens at the
+        positions it would have alone (`Transformer.forward`'s positions / attn_mask). With
+        per-token routing this scores exactly like one row per request, and reads the
+        context once instead of once per choice.
+        """
         results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)  # empty continuations stay so
-        # The model reads tokens[:-1] and predicts tokens[1:]; the continuation is the tail.
-        # Requests with the same input (e.g. one-token answers "A"/"B"/"C"/"D" after one
-        # context) share one forward row.
-        rows: dict[tuple[int, ...], list[int]] = {}
-        targets: dict[int, list[int]] = {}
+        # context tokens → {continuation tokens → request indices}. The model reads
+        # tokens[:-1] and predicts tokens[1:]; the continuation is the tail, and a request
+        # alone keeps only its last seq_len + 1 tokens, so its context is what is left of them.
+        groups: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
         for i, (_, context, continuation) in enumerate(requests):
             if continuation:
-                targets[i] = continuation[-self.max_length:]  # longer than the window: score its tail
+                target = continuation[-self.max_length:]  # longer than the window: score its tail
                 context = context or [self.prefix_token_id]  # the first token needs something before it
-                tokens = (context + targets[i])[-(self.max_length + 1):]
-                rows.setdefault(tuple(tokens[:-1]), []).append(i)
+                tokens = (context + target)[-(self.max_length + 1):]
+                groups.setdefault(tuple(tokens[:-len(target)]), {}).setdefault(tuple(target), []).append(i)
+        rows = [row for context, conts in groups.items() for row in self._pack(context, list(conts))]
         # Longest first, as lm-eval's HF adapter does: each batch pads to its first row (little
         # padding), and an out-of-memory error shows at once rather than at the end.
-        inputs = sorted(rows, key=len, reverse=True)
-        progress = tqdm(total=len(targets), desc="lit_moe loglikelihood", disable=disable_tqdm)
-        for start in range(0, len(inputs), self.batch_size):
-            batch = inputs[start:start + self.batch_size]
-            # Right padding is invisible to real positions under causal attention and per-token
-            # (dropless) routing, so a padded row scores exactly like the row alone.
-            idx = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
-            for row, tokens in enumerate(batch):
-                idx[row, :len(tokens)] = torch.tensor(tokens)
-            # Gather every scored position of the batch: one head + log_softmax for all of them.
-            owners, rows_at, positions, wanted = [], [], [], []
-            for row, tokens in enumerate(batch):
-                for i in rows[tokens]:
-                    n = len(targets[i])
-                    owners.append(i)
-                    rows_at += [row] * n
-                    positions += range(len(tokens) - n, len(tokens))
-                    wanted += targets[i]
-            logprobs = self._logits_at(idx.to(self._device), rows_at, positions).log_softmax(-1)
+        rows.sort(key=lambda row: len(row.tokens), reverse=True)
+        progress = tqdm(total=sum(len(v) for conts in groups.values() for v in conts.values()),
+                        desc="lit_moe loglikelihood", disable=disable_tqdm)
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start:start + self.batch_size]
+            length = len(batch[0].tokens)
+            idx = torch.zeros(len(batch), length, dtype=torch.long)
+            packed = any(len(row.targets) > 1 for row in batch)
+            # Right padding: invisible to real positions under causal attention (or the mask,
+            # where padding attends only to itself) and per-token routing.
+            positions = torch.zeros(len(batch), length, dtype=torch.long) if packed else None
+            mask = torch.eye(length, dtype=torch.bool).repeat(len(batch), 1, 1) if packed else None
+            rows_at, at, wanted, owners = [], [], [], []
+            for b, row in enumerate(batch):
+                idx[b, :len(row.tokens)] = torch.tensor(row.tokens)
+                if packed:
+                    positions[b, :len(row.tokens)] = torch.tensor(row.positions)
+                    n = len(row.tokens)
+                    mask[b, :n, :n] = row.mask()
+                for target, scored_at in zip(row.targets, row.scored_at):
+                    rows_at += [b] * len(target)
+                    at += scored_at
+                    wanted += target
+                    owners.append(groups[row.context][target])
+            logits = self._logits_at(idx.to(self._device), rows_at, at,
+                                     None if positions is None else positions.to(self._device),
+                                     None if mask is None else mask.to(self._device))
+            logprobs = logits.log_softmax(-1)
             wanted_t = torch.tensor(wanted, device=logprobs.device)
             token_logprob = logprobs.gather(1, wanted_t[:, None]).squeeze(1).double().cpu()
             greedy = (logprobs.argmax(-1) == wanted_t).cpu()
             offset = 0
-            for i in owners:
-                n = len(targets[i])
-                results[i] = (float(token_logprob[offset:offset + n].sum()), bool(greedy[offset:offset + n].all()))
-                offset += n
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-            progress.update(len(owners))
+            for b, row in enumerate(batch):
+                for target in row.targets:
+                    n = len(target)
+                    result = (float(token_logprob[offset:offset + n].sum()), bool(greedy[offset:offset + n].all()))
+                    offset += n
+                    for i in groups[row.context][target]:
+                        results[i] = result
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+                    progress.update(len(groups[row.context][target]))
         progress.close()
         return results
 
-    def _logits_at(self, idx: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits [len(rows), vocab] at the given (row, position) pairs of idx [B, S].
+    def _pack(self, context: tuple[int, ...], targets: list[tuple[int, ...]]) -> list[PackedRow]:
+        """Rows holding `context` once and then as many continuations as fit in 2·seq_len
+        tokens (attention cost grows with the square of the row)."""
+        rows: list[PackedRow] = []
+        limit = max(2 * self.max_length, len(context) + max(len(t) for t in targets))
+        for target in sorted(targets, key=len, reverse=True):
+            if not rows or len(rows[-1].tokens) + len(target) - 1 > limit:
+                rows.append(PackedRow(context))
+            rows[-1].add(target)
+        return rows
+
+    def _logits_at(self, idx: torch.Tensor, rows: list[int], positions: list[int],
+                   token_positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Logits [len(rows), vocab] at the given (row, index) pairs of idx [B, S]; the
+        optional token_positions / attn_mask go to the model (packed rows).
 
         The model's own forward, with the final norm's output cut to the scored positions by
         a forward hook, so the output head runs only there: the head is ~40% of the tiny
@@ -204,12 +271,12 @@ class LitMoELM(TemplateLM):
         if isinstance(norm, nn.Module) and hasattr(self.model, "lm_head"):
             cut = norm.register_forward_hook(lambda module, args, out: out[rows, positions])
             try:
-                logits = self.model(idx)
+                logits = self.model(idx, token_positions, attn_mask)
             finally:
                 cut.remove()
             if logits.shape[:-1] == (len(rows),):
                 return logits[:, :self.vocab_size]
-        return self.model(idx)[rows, positions, :self.vocab_size]
+        return self.model(idx, token_positions, attn_mask)[rows, positions, :self.vocab_size]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each whole string, scored in disjoint windows of seq_len."""

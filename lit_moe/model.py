@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lit_moe.budget import GlobalExpertBudget
 from lit_moe.components import build_component
@@ -83,10 +84,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, H, S, Dh]; rotates (even, odd) halves by position-dependent angles."""
-        seq = x.shape[-2]
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x: [B, H, S, Dh]; rotates (even, odd) halves by position-dependent angles.
+
+        positions: [B, S] position of each token (default 0..S−1), e.g. for packed rows."""
+        if positions is None:
+            seq = x.shape[-2]
+            cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        else:  # [B, S, Dh/2] → [B, 1, S, Dh/2], broadcast over heads
+            cos, sin = self.cos[positions].unsqueeze(1).to(x.dtype), self.sin[positions].unsqueeze(1).to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -99,11 +105,16 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.seq_len, cfg.rope_theta)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        """x: [B, S, d]. positions [B, S] and attn_mask [B, S, S] (True = may attend) replace
+        0..S−1 and the causal mask, e.g. for several continuations packed after one context."""
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = self.rope(q), self.rope(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None])
         return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
 
 
@@ -119,8 +130,25 @@ class Block(nn.Module):
         else:
             self.mlp = build_component(cfg.dense_mlp, DenseSwiGLU, "dense_mlp", cfg.d_model, cfg.dense_hidden)
 
-    def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    # Recompute this block's activations in backward instead of keeping them (set by
+    # `lit_moe.distributed.shard_transformer`; plain attribute, not part of the state dict).
+    activation_checkpointing: bool = False
+    # Device flag from the last forward: did the block's output hold NaN/Inf? Read only
+    # through `Transformer.first_nonfinite()`, so forward never waits on the host.
+    nonfinite_output: Tensor | None = None
+
+    def forward(self, x: Tensor, k: Tensor | None = None, positions: Tensor | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            out = checkpoint(self._forward, x, k, positions, attn_mask, use_reentrant=False)
+        else:
+            out = self._forward(x, k, positions, attn_mask)
+        self.nonfinite_output = torch.isfinite(out).all().logical_not()
+        return out
+
+    def _forward(self, x: Tensor, k: Tensor | None, positions: Tensor | None = None,
+                 attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, attn_mask)
         mlp_in = self.mlp_norm(x)
         return x + (self.mlp(mlp_in, k) if isinstance(self.mlp, MoELayer) else self.mlp(mlp_in))
 
@@ -186,16 +214,22 @@ class Transformer(nn.Module):
             if isinstance(block.mlp, DenseSwiGLU):
                 nn.init.normal_(block.mlp.down.weight, std=out_std)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx: [B, S] token ids → logits [B, S, vocab] (fp32 for a stable cross-entropy)."""
-        if idx.shape[1] > self.cfg.seq_len:
+    def forward(self, idx: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        """idx: [B, S] token ids → logits [B, S, vocab] (fp32 for a stable cross-entropy).
+
+        positions [B, S] and attn_mask [B, S, S] (bool, True = may attend) are for packed
+        rows, e.g. evaluation scoring several continuations after one shared context: each
+        continuation token sees the context and its own earlier tokens, at the positions it
+        would have alone. Positions must stay below seq_len; the row itself may be longer.
+        """
+        if positions is None and idx.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's seq_len {self.cfg.seq_len}.")
         x = self.tok_emb(idx)
         # One budget evaluation per forward; MoE block j gets k_j (gradient reaches η).
         layer_k = iter(self.budget.k()) if self.budget is not None else None
         for block in self.blocks:
             k = next(layer_k) if layer_k is not None and isinstance(block.mlp, MoELayer) else None
-            x = block(x, k)
+            x = block(x, k, positions, attn_mask)
         return self.lm_head(self.norm(x)).float()
 
     # -- interface for the LightningModule and callbacks ---------------------------------
@@ -208,6 +242,28 @@ class Transformer(nn.Module):
     def routers(self) -> Iterator[tuple[int, Router]]:
         for i, layer in self.moe_layers():
             yield i, layer.router
+
+    def first_nonfinite(self) -> str | None:
+        """Where the last forward first went non-finite, in depth order ("layer 02 router
+        logits", "layer 03 output"), or None when every layer stayed finite.
+
+        Reads the flags each router and block recorded on the device during forward: one host
+        sync, so callers ask only once something already looks wrong (a non-finite loss).
+        """
+        names: list[str] = []
+        flags: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            router = block.mlp.router if isinstance(block.mlp, MoELayer) else None
+            if router is not None and router.nonfinite_logits is not None:
+                names.append(f"{router.layer_name} logits")
+                flags.append(router.nonfinite_logits)
+            if block.nonfinite_output is not None:
+                names.append(f"layer {i:02d} output")
+                flags.append(block.nonfinite_output)
+        if not flags:
+            return None
+        hits = torch.stack([f.to(flags[0].device) for f in flags]).nonzero().flatten().tolist()
+        return names[hits[0]] if hits else None
 
     def aux_losses(self) -> dict[str, Tensor]:
         """Each aux loss from the last forward, averaged over MoE layers (unweighted)."""

@@ -264,11 +264,17 @@ def test_batched_loglikelihood_equals_one_by_one(module, tokenizer):
     pairs = [("Question: what is red?\nAnswer:", " A"), ("Question: what is red?\nAnswer:", " B"),
              ("Question: what is red?\nAnswer:", " C"), ("The cat", " sat on the mat."), ("", "Hello world"),
              (long_context, " And then it rained."), ("A dog ", "barked."), ("x", " y" * 3),
-             (long_context[:90], " " + long_context[:40])]
+             (long_context[:90], " " + long_context[:40]),
+             # choices of different lengths after one context (packed into one row), a
+             # duplicate, and choices after a context the window truncates differently
+             ("The cat", " ran."), ("The cat", " sat on the mat."), ("The cat", " slept all day long, as cats do."),
+             (long_context, " Yes."), (long_context[:400], " a b c d e f g"), (long_context[:400], " no")]
     got = lm.loglikelihood(_instances(pairs))
+    assert len({tuple(p) for p in pairs}) < len(pairs)  # the duplicate is there
     for pair, (ll, greedy) in zip(pairs, got):
         ref_ll, ref_greedy = _reference_loglikelihood(lm, *pair)
         assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy, pair
+    assert lm.model.cfg.seq_len < len(lm.tok_encode(long_context))
     # the batched encoder follows TemplateLM's rule
     for (context, continuation), (_, cont) in zip(pairs, lm.encode_pairs(pairs)):
         if context:

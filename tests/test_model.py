@@ -102,3 +102,26 @@ def test_too_long_input_is_refused():
     model = Transformer(small_config())
     with pytest.raises(ValueError, match="exceeds the model's seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_packed_row_equals_separate_rows():
+    """Context + two continuations in one row (positions restart after the context, each
+    continuation masked from the other) gives the logits of the two separate sequences."""
+    torch.manual_seed(0)
+    model = Transformer(small_config()).eval()
+    context, first, second = torch.randint(0, 64, (7,)), torch.randint(0, 64, (3,)), torch.randint(0, 64, (5,))
+    row = torch.cat([context, first, second])[None]  # 15 tokens
+    positions = torch.cat([torch.arange(7), torch.arange(7, 10), torch.arange(7, 12)])[None]
+    segment = torch.tensor([0] * 7 + [1] * 3 + [2] * 5)
+    order = torch.arange(15)
+    mask = (order[None, :] <= order[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+    with torch.no_grad():
+        packed = model(row, positions, mask[None])[0]
+        alone_first = model(torch.cat([context, first])[None])[0]
+        alone_second = model(torch.cat([context, second])[None])[0]
+    torch.testing.assert_close(packed[:10], alone_first, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[10:], alone_second[7:], atol=1e-5, rtol=0)
+    # with only a causal mask the second continuation would see the first: the test can tell
+    with torch.no_grad():
+        causal = model(row, positions, (order[None, :] <= order[:, None])[None])[0]
+    assert (causal[10:] - alone_second[7:]).abs().max() > 1e-4
