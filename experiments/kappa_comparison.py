@@ -29,6 +29,16 @@ CONFIGS = {
 EXPERIMENT = "kappa-comparison"
 
 
+def create_store(workdir: Path) -> None:
+    """Create the MLflow store and experiment once: runs starting together on a fresh SQLite
+    store race in its schema migration."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(workdir / 'mlflow.db').resolve()}")
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT)
+
+
 def run_seed(shared: Path, steps: int, workdir: Path, seed: int, only: list[str] | None) -> None:
     corpus = shared / "data" / "corpus" / "wikipedia_en"
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -114,6 +124,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         only = args.only.split(",") if args.only else None
+        create_store(args.workdir)
         for seed in (int(s) for s in args.seeds.split(",")):
             run_seed(args.shared.resolve(), args.steps, args.workdir, seed, only)
     table = report(args.workdir)
