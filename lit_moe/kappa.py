@@ -39,21 +39,27 @@ def _tanh_z(confidence: Tensor, bias: Tensor, scale: Tensor, index: Tensor | Non
     return torch.tanh(z)
 
 
+def _log_scale(max_scale: float, gate: Tensor) -> Tensor:
+    """ln U as a 0-d tensor: a Python float would be baked into the compiled kernel as a
+    constant, and U changes every step while KappaScheduleCallback warms it up."""
+    return torch.full((), math.log(max_scale), dtype=_compute_dtype(gate), device=gate.device)
+
+
 def _forward(gate: Tensor, confidence: Tensor, bias: Tensor, scale: Tensor, index: Tensor | None,
-             max_scale: float) -> Tensor:
+             log_scale: Tensor) -> Tensor:
     dtype = _compute_dtype(gate)
-    kappa = torch.exp(math.log(max_scale) * _tanh_z(confidence, bias, scale, index, dtype))
+    kappa = torch.exp(log_scale * _tanh_z(confidence, bias, scale, index, dtype))
     # SiLU(κg)/κ rather than g·σ(κg): same cost, and bit-identical to F.silu at κ = 1.
     return (F.silu(kappa * gate.to(dtype)) / kappa).to(gate.dtype)
 
 
 def _backward(grad_out: Tensor, gate: Tensor, confidence: Tensor, bias: Tensor, scale: Tensor,
-              index: Tensor | None, max_scale: float, param_grads: bool) -> tuple[Tensor, ...]:
+              index: Tensor | None, log_scale: Tensor, param_grads: bool) -> tuple[Tensor, ...]:
     """Gradients for (gate, confidence, bias, scale); the last three only if `param_grads`."""
     dtype = _compute_dtype(gate)
     g, grad = gate.to(dtype), grad_out.to(dtype)
     t = _tanh_z(confidence, bias, scale, index, dtype)
-    kappa = torch.exp(math.log(max_scale) * t)
+    kappa = torch.exp(log_scale * t)
     u = kappa * g
     # ∂out/∂g = SiLU'(κg) (the fused SiLU backward kernel computes grad·SiLU'(u) in one pass).
     d_gate = torch.ops.aten.silu_backward(grad, u)
@@ -63,7 +69,7 @@ def _backward(grad_out: Tensor, gate: Tensor, confidence: Tensor, bias: Tensor, 
     # ∂L/∂z = grad·g·u·σ(1 − σ)·(1 − t²)·ln U, summed over the units z is shared by.
     # (σ(u) as in SiLU's backward, so the compiled kernel evaluates it once.)
     sig = torch.sigmoid(u)
-    d_z = (grad * g * u * sig * (1 - sig)).sum_to_size(t.shape) * (1 - t * t) * math.log(max_scale)
+    d_z = (grad * g * u * sig * (1 - sig)).sum_to_size(t.shape) * (1 - t * t) * log_scale
     s = confidence.to(dtype)
     d_conf = (d_z * (scale if index is None else scale[index]).to(dtype)).sum_to_size(confidence.shape)
     if index is None:
@@ -81,9 +87,8 @@ def _backward(grad_out: Tensor, gate: Tensor, confidence: Tensor, bias: Tensor, 
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
     # One fused elementwise kernel per direction instead of ~6 (forward) / ~15 (backward)
-    # passes over [N, h]. dynamic: the number of rows changes from step to step; U is a
-    # Python float that dynamo keeps symbolic (specialize_float=False), so at most one
-    # recompile when it first changes.
+    # passes over [N, h]. dynamic: the number of rows changes from step to step; ln U comes
+    # as a tensor (`_log_scale`), so a changing U never recompiles.
     return torch.compile(fn, dynamic=True)
 
 
@@ -113,15 +118,15 @@ class _KappaSwiGLU(torch.autograd.Function):
                 index: Tensor | None, fused: bool) -> Tensor:
         ctx.save_for_backward(gate, confidence, bias, scale, index)
         ctx.max_scale, ctx.fused = max_scale, fused
-        return _run(_forward, fused, gate, confidence, bias, scale, index, max_scale)
+        return _run(_forward, fused, gate, confidence, bias, scale, index, _log_scale(max_scale, gate))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         gate, confidence, bias, scale, index = ctx.saved_tensors
         needs = ctx.needs_input_grad
         param_grads = needs[1] or needs[2] or needs[3]
-        grads = _run(_backward, ctx.fused, grad_out, gate, confidence, bias, scale, index, ctx.max_scale,
-                     param_grads)
+        grads = _run(_backward, ctx.fused, grad_out, gate, confidence, bias, scale, index,
+                     _log_scale(ctx.max_scale, gate), param_grads)
         grads = grads + (None,) * (4 - len(grads))
         return *(grad if need else None for grad, need in zip(grads, needs)), None, None, None
 

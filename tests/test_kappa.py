@@ -467,3 +467,22 @@ def test_fused_path_matches_eager():
     torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fused_path_does_not_recompile_when_u_changes():
+    """U warms up every step; the compiled kernels take ln U as a tensor, so a new U reuses
+    them (a float would be a compile-time constant: one recompile per step, then eager)."""
+    torch._dynamo.reset()
+    gate = torch.randn(40, 8, requires_grad=True)
+    s = torch.randn(40, 1, requires_grad=True)
+    b, a = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    kappa_swiglu(gate, s, b, a, 1.5, fused=True).sum().backward()  # compiles both directions
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for u in (1.7, 2.2, 3.0):
+            fused = kappa_swiglu(gate, s, b, a, u, fused=True)
+            eager = kappa_swiglu(gate, s, b, a, u)
+            torch.testing.assert_close(fused, eager, atol=1e-6, rtol=1e-5)
+            fused.sum().backward()
+    import lit_moe.kappa as kappa_module
+
+    assert not kappa_module._compile_failed  # a recompile error would have switched to eager
