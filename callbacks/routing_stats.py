@@ -14,7 +14,9 @@ this callback only reads and resets those counters. Every `window` optimizer ste
   peak_imbalance}` and model-wide aggregates `routing/{load_imbalance, load_imbalance_max,
   load_cv, dead_experts, entropy, active_mean, active_total, dropped, tokens_seen}`.
 Validation forwards fill separate counters (reset at validation start, reduced and logged at
-validation end) under `routing/val/...`; they never change the training window.
+validation end) under `routing/val/...`; they never change the training window. Metrics carry
+the step Lightning's own logging uses at that moment, so they line up with `train/loss` and
+`val/loss`; artifact folders are named by `trainer.global_step` (optimizer steps done).
 
 Every `plot_every` steps and at the end of training (rank 0, MLflow loggers only) it adds the
 artifacts `routing/stepNNNNNN/`: `load_share.png` (layer × expert heatmap), `active_experts.png`
@@ -35,85 +37,20 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.mlflow_utils import log_file_artifact, mlflow_loggers
 from lit_moe.errors import ConfigError
-from lit_moe.moe.routing_metrics import COUNTER_NAMES, MAX_COUNTERS, summarize
+from lit_moe.moe.routing_metrics import COUNTER_NAMES, model_summary, reduced_counters, summarize
 
 PREFIX = {"train": "routing", "eval": "routing/val"}
 
 
-# -- reduction across ranks (plain torch.distributed, so it is testable without a Trainer) ---------
-def flatten_counters(per_layer: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
-    """All layers' counters as one float64 vector, and a mask of the entries reduced by max."""
-    parts, is_max = [], []
-    for counters in per_layer:
-        for name in COUNTER_NAMES:
-            value = counters[name].detach().flatten().double()
-            parts.append(value)
-            is_max.append(torch.full_like(value, name in MAX_COUNTERS, dtype=torch.bool))
-    return torch.cat(parts), torch.cat(is_max)
-
-
-def unflatten_counters(values: Tensor, like: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-    """Inverse of `flatten_counters` (float64 values, the shapes of `like`)."""
-    out, offset = [], 0
-    for counters in like:
-        layer = {}
-        for name in COUNTER_NAMES:
-            size = counters[name].numel()
-            layer[name] = values[offset:offset + size].view(counters[name].shape)
-            offset += size
-        out.append(layer)
-    return out
-
-
-def reduce_across_ranks(values: Tensor, is_max: Tensor) -> Tensor:
-    """Sum (max where `is_max`) of `values` over all ranks: one all_gather of the whole vector,
-    so mixed reductions still cost a single collective. A no-op without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, values)
-    stacked = torch.stack(gathered)
-    return torch.where(is_max, stacked.amax(dim=0), stacked.sum(dim=0))
-
-
-def reduced_counters(routers: list[Any], split: str) -> list[dict[str, Tensor]]:
-    """Every router's counters of `split`, reduced across ranks, on the CPU; then resets them.
-    A collective: every rank must call it at the same point."""
-    per_layer = [router.metrics(split) for router in routers]
-    values, is_max = flatten_counters(per_layer)
-    for router in routers:
-        router.reset_metrics(split)
-    return unflatten_counters(reduce_across_ranks(values, is_max).cpu(), per_layer)
-
-
-def model_summary(counters: list[dict[str, Tensor]], layer_stats: list[dict[str, float]]) -> dict[str, float]:
-    """Model-wide aggregates of the per-layer statistics."""
-    stats = [s for s in layer_stats if s]
-    if not stats:
-        return {}
-
-    def mean(name: str) -> float:
-        return sum(s[name] for s in stats) / len(stats)
-
-    routed = sum(float(c["tokens"].sum()) for c in counters)
-    dropped = sum(float(c["dropped"]) for c in counters)
-    return {
-        "load_imbalance": mean("load_imbalance"),
-        "load_imbalance_max": max(s["load_imbalance"] for s in stats),
-        "load_cv": mean("load_cv"),
-        "dead_experts": sum(s["dead_experts"] for s in stats),
-        "entropy": mean("entropy"),
-        "active_mean": mean("active_mean"),  # per layer
-        "active_total": sum(s["active_mean"] for s in stats),  # per token, over all MoE layers
-        "dropped": dropped / (routed + dropped) if routed + dropped else 0.0,
-    }
+def _logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs `self.log` values at right now: it counts optimizer steps but is
+    advanced only after a batch's hooks and validation, so it trails `global_step` there."""
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
 
 @dataclass
@@ -226,7 +163,7 @@ class RoutingStatsCallback(L.Callback):
         metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+                logger.log_metrics(metrics, step=_logging_step(trainer))
         return Window(split, first_step, step, layers, counters, stats, self._target_k(pl_module, routers))
 
     @staticmethod
@@ -253,17 +190,19 @@ class RoutingStatsCallback(L.Callback):
 
     def _write_artifacts(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self._last_plot_step = step
-        if not trainer.is_global_zero or not mlflow_loggers(trainer):
+        if not mlflow_loggers(trainer):  # configured alike on every rank
             return
         try:
-            with tempfile.TemporaryDirectory(prefix="routing-") as tmp:
-                for path in self._render(pl_module, Path(tmp)):
-                    log_file_artifact(trainer, str(path), f"routing/step{step:06d}")
+            kappa = self._kappa_samples(pl_module)  # every rank: FSDP2 gathers sharded κ parameters
+            if trainer.is_global_zero:
+                with tempfile.TemporaryDirectory(prefix="routing-") as tmp:
+                    for path in self._render(Path(tmp), kappa):
+                        log_file_artifact(trainer, str(path), f"routing/step{step:06d}")
         except Exception as err:  # noqa: BLE001 — plots are diagnostics: never end a run for them
             warnings.warn(f"RoutingStatsCallback: could not write the routing plots at step {step}: "
                           f"{type(err).__name__}: {err}", stacklevel=2)
 
-    def _render(self, pl_module: L.LightningModule, out: Path) -> list[Path]:
+    def _render(self, out: Path, kappa: tuple[list[str], list[np.ndarray], list[float]]) -> list[Path]:
         from callbacks import routing_plots  # matplotlib only when plotting
 
         train = self.latest["train"]
@@ -278,10 +217,10 @@ class RoutingStatsCallback(L.Callback):
                 [s.get("active_max", math.nan) for s in train.stats], train.target_k,
                 f"active experts per token vs target, {span}"),
         }
-        kappa_layers, kappa, scales = self._kappa_samples(pl_module)
+        kappa_layers, kappa_values, scales = kappa
         if kappa_layers:
             figures["kappa.png"] = routing_plots.kappa_histograms(
-                kappa_layers, kappa, scales, f"κ of sampled pairs, step {train.step}", bins=self.kappa_bins)
+                kappa_layers, kappa_values, scales, f"κ of sampled pairs, step {train.step}", bins=self.kappa_bins)
         for name, figure in figures.items():
             figure.savefig(out / name, dpi=110)
             written.append(out / name)
@@ -305,5 +244,4 @@ class RoutingStatsCallback(L.Callback):
         self.tokens_seen = int(state_dict.get("tokens_seen", 0))
 
 
-__all__ = ["RoutingStatsCallback", "flatten_counters", "unflatten_counters", "reduce_across_ranks",
-           "reduced_counters", "model_summary"]
+__all__ = ["RoutingStatsCallback"]

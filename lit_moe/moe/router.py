@@ -103,7 +103,9 @@ class Router(nn.Module):
             "load_balance": switch_load_balance_loss(logits, assigned),
             "z_loss": router_z_loss(logits),
         }
-        if self.record_metrics:
+        # Activation checkpointing re-runs this forward inside backward (the autograd engine then
+        # has a current graph task): count each routing once.
+        if self.record_metrics and torch._C._current_graph_task_id() == -1:
             self._split_counters("train" if self.training else "eval", logits.device).update(
                 logits, weights, assigned, self.aux_losses)
         return logits, weights

@@ -18,15 +18,21 @@ Counters (E = number of experts):
     peak_imbalance []   max over forwards of max_e tokens_e / mean_e tokens_e   (a maximum)
 
 All counters are sums over steps and ranks except those in `MAX_COUNTERS`, which take the
-maximum. `summarize` turns (reduced) counters into the logged statistics.
+maximum. `reduced_counters` reduces every layer's counters across ranks in one collective;
+`summarize` / `model_summary` turn (reduced) counters into the logged statistics.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:  # router.py imports this module
+    from lit_moe.moe.router import Router
 
 SPLITS = ("train", "eval")
 COUNTER_NAMES = ("tokens", "weight", "active_hist", "entropy", "dropped", "load_balance", "z_loss", "forwards",
@@ -124,4 +130,74 @@ def summarize(counters: dict[str, Tensor]) -> dict[str, float]:
     }
 
 
-__all__ = ["RoutingCounters", "SPLITS", "COUNTER_NAMES", "MAX_COUNTERS", "active_percentile", "summarize"]
+# -- reduction across ranks (plain torch.distributed: Lightning's DDP/FSDP set up the group) ------
+def flatten_counters(per_layer: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+    """All layers' counters as one float64 vector, and a mask of the entries reduced by max."""
+    parts, is_max = [], []
+    for counters in per_layer:
+        for name in COUNTER_NAMES:
+            value = counters[name].detach().flatten().double()
+            parts.append(value)
+            is_max.append(torch.full_like(value, name in MAX_COUNTERS, dtype=torch.bool))
+    return torch.cat(parts), torch.cat(is_max)
+
+
+def unflatten_counters(values: Tensor, like: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Inverse of `flatten_counters` (float64 values, the shapes of `like`)."""
+    out, offset = [], 0
+    for counters in like:
+        layer = {}
+        for name in COUNTER_NAMES:
+            size = counters[name].numel()
+            layer[name] = values[offset:offset + size].view(counters[name].shape)
+            offset += size
+        out.append(layer)
+    return out
+
+
+def reduce_across_ranks(values: Tensor, is_max: Tensor) -> Tensor:
+    """Sum (max where `is_max`) of `values` over all ranks: one all_gather of the whole vector,
+    so mixed reductions still cost a single collective. A no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, values)
+    stacked = torch.stack(gathered)
+    return torch.where(is_max, stacked.amax(dim=0), stacked.sum(dim=0))
+
+
+def reduced_counters(routers: list[Router], split: str) -> list[dict[str, Tensor]]:
+    """Every router's counters of `split`, reduced across ranks, on the CPU; then resets them.
+    A collective: every rank must call it at the same point."""
+    per_layer = [router.metrics(split) for router in routers]
+    values, is_max = flatten_counters(per_layer)
+    for router in routers:
+        router.reset_metrics(split)
+    return unflatten_counters(reduce_across_ranks(values, is_max).cpu(), per_layer)
+
+
+def model_summary(counters: list[dict[str, Tensor]], layer_stats: list[dict[str, float]]) -> dict[str, float]:
+    """Model-wide aggregates of the per-layer statistics."""
+    stats = [s for s in layer_stats if s]
+    if not stats:
+        return {}
+
+    def mean(name: str) -> float:
+        return sum(s[name] for s in stats) / len(stats)
+
+    routed = sum(float(c["tokens"].sum()) for c in counters)
+    dropped = sum(float(c["dropped"]) for c in counters)
+    return {
+        "load_imbalance": mean("load_imbalance"),
+        "load_imbalance_max": max(s["load_imbalance"] for s in stats),
+        "load_cv": mean("load_cv"),
+        "dead_experts": sum(s["dead_experts"] for s in stats),
+        "entropy": mean("entropy"),
+        "active_mean": mean("active_mean"),  # per layer
+        "active_total": sum(s["active_mean"] for s in stats),  # per token, over all MoE layers
+        "dropped": dropped / (routed + dropped) if routed + dropped else 0.0,
+    }
+
+
+__all__ = ["RoutingCounters", "SPLITS", "COUNTER_NAMES", "MAX_COUNTERS", "active_percentile", "summarize",
+           "model_summary", "flatten_counters", "unflatten_counters", "reduce_across_ranks", "reduced_counters"]
