@@ -15,13 +15,17 @@ import sys
 import uuid
 from typing import Any
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from callbacks.fault_tolerance import FaultToleranceCallback
 from callbacks.mlflow_utils import log_text_artifact
 from lit_moe.data import LMDataModule
-from lit_moe.errors import ConfigError
+from lit_moe.errors import ConfigError, NonFiniteLossError
 from lit_moe.module import LitMoE
 
 # Every run is tracked in MLflow by default: an embedded SQLite store in the working
@@ -70,6 +74,24 @@ class LitMoECLI(LightningCLI):
         except (ImportError, AttributeError) as err:
             raise ConfigError(f"invalid configuration: {err}. Check the class_path spelling.") from err
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with device and strategy mistakes turned into one message naming them."""
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:
+            text = str(err)
+            if "requires a GPU accelerator" in text:  # Lightning's FSDPStrategy (FSDP1) on CPU
+                text += (" On CPU use FSDP2 instead: --config conf/fsdp.yaml "
+                         "(lit_moe.distributed.FSDP2Strategy, Lightning's ModelParallelStrategy).")
+            elif "not available" in text or "backend found" in text or "only has" in text:
+                text += " Set trainer.accelerator and trainer.devices to what this machine has (e.g. accelerator: cpu)."
+            raise ConfigError(f"trainer settings do not fit this machine: {text}") from err
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
+            raise ConfigError(f"trainer.devices={trainer.num_devices} CPU processes requested, but this machine has "
+                              f"{cores} CPU cores; use at most {cores} (each process needs a core).")
+        return trainer
+
     def before_fit(self) -> None:
         """Refuse unwritable output locations before any work is done."""
         trainer = self.trainer
@@ -101,10 +123,20 @@ def main(args: list[str] | None = None) -> None:
         LitMoECLI(
             LitMoE,
             LMDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
+            # FaultToleranceCallback: atomic checkpoints, SIGTERM / Ctrl-C leave a resumable one.
+            trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [FaultToleranceCallback()]},
             save_config_callback=MLflowConfigCallback,
             args=args,
         )
+    except SIGTERMException:
+        # Lightning stopped the fit on SIGTERM or the first Ctrl-C; FaultToleranceCallback saved it.
+        print("interrupted: stopped at a step boundary; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(143)
+    except NonFiniteLossError as err:
+        if os.environ.get("LIT_MOE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
         if os.environ.get("LIT_MOE_DEBUG"):
             raise

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lit_moe.dtensor import full_tensor
+
 __all__ = ["GlobalExpertBudget"]
 
 
@@ -62,7 +64,8 @@ class GlobalExpertBudget(nn.Module):
     def k(self) -> Tensor:
         """Per-layer expert counts, shape [L], summing to K (differentiable in η)."""
         if self.learnable:
-            return torch.softmax(self.eta, dim=0) * (self.total - self.num_layers) + 1.0
+            # full_tensor: outside the model's forward, FSDP2 leaves η sharded across ranks.
+            return torch.softmax(full_tensor(self.eta), dim=0) * (self.total - self.num_layers) + 1.0
         return self.fixed_k
 
     def forward(self) -> Tensor:

@@ -22,7 +22,7 @@ import mmap
 import os
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import datasets
@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 from datasets.distributed import split_dataset_by_node
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
 from lit_moe.errors import ConfigError
 from lit_moe.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_from_json, train_bpe
@@ -283,6 +283,71 @@ class StreamingTokenWindows(IterableDataset):
                 yield torch.tensor(buf[start : start + width], dtype=torch.int64)
                 start += self.seq_len
             del buf[:start]
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled training windows of one data-parallel rank that can start mid-epoch.
+
+    The order is torch's `DistributedSampler(shuffle=True, seed, drop_last=True)`: a fresh
+    permutation per epoch from `seed + epoch`, rank r taking every `num_replicas`-th window.
+    `resume_at(epoch, skip)` drops the first `skip` windows of that epoch once, so a resumed
+    run continues where the interrupted one stopped. Being a DistributedSampler, Lightning
+    keeps it under DDP/FSDP instead of substituting its own. `len()` stays the whole epoch:
+    Lightning sizes the epoch (and its progress counters) from it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        self._resume = (epoch, skip)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1]:]
+            self._resume = None
+        return iter(indices)
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader over a `ResumableSampler` whose position Lightning keeps in
+    checkpoints: Lightning saves `state_dict()` of every training loader that has one and hands
+    it back to `load_state_dict` before iterating on resume.
+
+    The position is read from the trainer (`progress()`: epoch, batches processed in it), not
+    counted here: Lightning prefetches, so the loader runs one batch ahead of training. It is
+    stored as windows done by all ranks together, so a run can resume on another world size.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.progress is None:
+            return {}
+        epoch, batches = self.progress()
+        sampler = self.sampler
+        return {"epoch": epoch, "windows_done": batches * self.batch_size * sampler.num_replicas, "seed": sampler.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        sampler = self.sampler
+        if state_dict["seed"] != sampler.seed:
+            warnings.warn(f"resuming with data seed {sampler.seed} instead of the checkpoint's {state_dict['seed']}: "
+                          "the epoch in progress restarts in a new order", stacklevel=2)
+            return
+        # Rank r's first s windows are windows r, r+W, ... of the epoch's permutation, so all
+        # ranks together have trained on its first W·s: any world size W resumes from there.
+        per_step = sampler.num_replicas * self.batch_size
+        done = state_dict["windows_done"]
+        if done % per_step:
+            warnings.warn(f"{done} windows done is not a multiple of world size × batch size = {per_step}; "
+                          "resuming at the nearest earlier batch", stacklevel=2)
+        sampler.resume_at(state_dict["epoch"], done // per_step * self.batch_size)
 
 
 # --------------------------------------------------------------------------- data module
@@ -618,8 +683,18 @@ class LMDataModule(L.LightningDataModule):
                           "validation is skipped", stacklevel=2)
 
     def _loader(self, ds: Dataset | IterableDataset, **kwargs: Any) -> DataLoader:
+        # An own generator (it only seeds workers here) keeps DataLoader iteration from drawing
+        # on the global torch RNG, so validation runs do not shift the RNG a resumed run restores.
         return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=False, **kwargs)
+                          persistent_workers=self.num_workers > 0, pin_memory=False,
+                          generator=torch.Generator().manual_seed(self.seed), **kwargs)
+
+    def _data_parallel_rank_world(self) -> tuple[int, int]:
+        strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) if strategy is not None else None
+        if kwargs:
+            return kwargs["rank"], kwargs["num_replicas"]
+        return _rank_world()
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -634,10 +709,17 @@ class LMDataModule(L.LightningDataModule):
                 f"batch_size={self.batch_size}, so no full batch exists. Use more data, a smaller "
                 "seq_len or a smaller batch_size."
             )
-        # Under DDP, Lightning swaps this sampler for a DistributedSampler (a disjoint share of
-        # windows per rank). The seeded generator makes the single-device order reproducible.
-        return self._loader(ds, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(self.seed))
+        rank, world = self._data_parallel_rank_world()
+        sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=self.seed)
+        trainer = self.trainer
+
+        def progress() -> tuple[int, int]:
+            return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                   generator=torch.Generator().manual_seed(self.seed),
+                                   progress=progress if trainer is not None else None)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.val_dataset is None and self._has_val():

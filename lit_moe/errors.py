@@ -6,3 +6,7 @@ The CLI turns these into one clear message and a non-zero exit instead of a trac
 
 class ConfigError(ValueError):
     """A configuration or input problem the user can fix; the message says how."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN/Inf under `nan_policy: stop`; the message names the step and layer."""

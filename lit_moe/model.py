@@ -131,7 +131,7 @@ class Block(nn.Module):
             self.mlp = build_component(cfg.dense_mlp, DenseSwiGLU, "dense_mlp", cfg.d_model, cfg.dense_hidden)
 
     # Recompute this block's activations in backward instead of keeping them (set by
-    # `lit_moe.distributed.shard_transformer`; plain attribute, not part of the state dict).
+    # LitMoE(activation_checkpointing=True); a plain attribute, not part of the state dict).
     activation_checkpointing: bool = False
     # Device flag from the last forward: did the block's output hold NaN/Inf? Read only
     # through `Transformer.first_nonfinite()`, so forward never waits on the host.

@@ -16,14 +16,17 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lit_moe.errors import ConfigError
+from lit_moe.errors import ConfigError, NonFiniteLossError
 from lit_moe.model import ModelConfig, Transformer
+from lit_moe.rng import rng_state, set_rng_state
 
 Schedule = Literal["cosine", "wsd", "constant"]
+NanPolicy = Literal["skip", "stop"]
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: Schedule,
@@ -85,11 +88,21 @@ class LitMoE(L.LightningModule):
         warmup_steps: linear warmup length in optimizer steps.
         schedule: 'cosine', 'wsd' (warmup-stable-decay) or 'constant'.
         decay_fraction: share of training spent decaying under 'wsd'.
+        nan_policy: what a NaN/Inf training loss does. 'stop': raise an error naming the global
+            step and the first layer whose router logits or output went non-finite. 'skip':
+            skip that optimizer step on every rank, warn, and count it (`train/skipped_steps`).
+            Checking costs one host sync per step.
+        activation_checkpointing: recompute each Transformer block's activations in backward
+            instead of storing them (less memory, about one more forward of compute).
+
+    Under `ModelParallelStrategy` (e.g. `lit_moe.distributed.FSDP2Strategy`) `configure_model`
+    shards the model with FSDP2, block by block.
     """
 
     def __init__(self, config: ModelConfig = ModelConfig(), lr: float = 3e-3,  # noqa: B008 (copied below)
                  min_lr_ratio: float = 0.1, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 100, schedule: Schedule = "cosine", decay_fraction: float = 0.2):
+                 warmup_steps: int = 100, schedule: Schedule = "cosine", decay_fraction: float = 0.2,
+                 nan_policy: NanPolicy = "stop", activation_checkpointing: bool = False):
         super().__init__()
         # A dict comes from a checkpoint's hyperparameters; copy so instances never share state.
         config = ModelConfig(**config) if isinstance(config, dict) else copy.deepcopy(config)
@@ -98,12 +111,17 @@ class LitMoE(L.LightningModule):
                               f"min_lr_ratio={min_lr_ratio} (in [0,1]), decay_fraction={decay_fraction} (in (0,1]).")
         if schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"schedule must be 'cosine', 'wsd' or 'constant', got {schedule!r}.")
+        if nan_policy not in ("skip", "stop"):
+            raise ConfigError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}.")
         self.config = config
         # Hyperparameters hold the config as plain data (no pickled dataclass), so checkpoints
         # load with weights_only and loggers flatten it (`config/num_experts`, ...).
         config = dataclasses.asdict(config)  # noqa: F841 (read by save_hyperparameters from this frame)
         self.save_hyperparameters()
         self.model = Transformer(self.config)
+        for block in self.model.blocks:
+            block.activation_checkpointing = activation_checkpointing
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy: skip)
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity()
         self.tokenizer_json: str | None = None
@@ -132,11 +150,47 @@ class LitMoE(L.LightningModule):
         # Flushing denormals is process-global state; give it back when this run is done.
         torch.set_flush_denormal(False)
 
+    def configure_model(self) -> None:
+        """FSDP2 under ModelParallelStrategy: shard each block, then the root (idempotent:
+        Lightning calls this again for validate/test after fit)."""
+        from lit_moe.distributed import FSDP2Strategy, is_sharded, shard_transformer
+
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.model):
+            return
+        if mesh["tensor_parallel"].size() != 1:
+            raise ConfigError(f"lit-moe shards with FSDP2 only (no tensor parallelism), but the strategy has "
+                              f"tensor_parallel_size={mesh['tensor_parallel'].size()}; use "
+                              f"lit_moe.distributed.FSDP2Strategy (conf/fsdp.yaml) or tensor_parallel_size: 1.")
+        strategy = self.trainer.strategy
+        options = strategy.sharding_options() if isinstance(strategy, FSDP2Strategy) else {}
+        shard_transformer(self.model, mesh["data_parallel"], **options)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokenizer_json"] = self.tokenizer_json
+        checkpoint["skipped_steps"] = self.skipped_steps
+        # Every rank's RNG state, by global rank (called on all ranks, so the gather is safe).
+        state = rng_state()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            states: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+            checkpoint["rng_states"] = states
+        else:
+            checkpoint["rng_states"] = [state]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lit_moe.checkpoint import check_compatible
+
+        check_compatible(checkpoint, self, "(resumed)")
         self.tokenizer_json = checkpoint.get("tokenizer_json", self.tokenizer_json)
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        states = checkpoint.get("rng_states")
+        if states and self._trainer is not None and self.trainer.state.fn == "fit":
+            if len(states) == self.trainer.world_size:
+                set_rng_state(states[self.trainer.global_rank])
+            else:
+                rank_zero_warn(f"the checkpoint holds RNG states of {len(states)} ranks, this run has "
+                               f"{self.trainer.world_size}: random draws continue from the seed instead")
 
     # -- steps ------------------------------------------------------------------------------
     def forward(self, idx: Tensor) -> Tensor:
@@ -148,17 +202,44 @@ class LitMoE(L.LightningModule):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return ce, logits, targets
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
         ce, _, _ = self._lm_loss(batch)
         aux = self.model.weighted_aux_loss()
         loss = ce + aux
-        self.log("train/loss", loss, prog_bar=True)
+        global_loss = self._mean_over_ranks(loss)
+        if not math.isfinite(global_loss.item()):  # the step's one host sync
+            return self._non_finite_loss(loss)
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        self.log("train/loss", global_loss, prog_bar=True)  # the loss of the global batch
         self.log("train/ce", ce)
         for name, value in self.model.aux_losses().items():
             self.log(f"train/{name}", value)
         for name, value in self.model.regularization_losses().items():  # e.g. kappa/reg
             self.log(name, value)
         return loss
+
+    def _mean_over_ranks(self, loss: Tensor) -> Tensor:
+        """Mean of the ranks' losses (one all-reduce): non-finite when any rank's is, so all
+        ranks see the same value and skip or stop together."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return loss.detach()
+        return self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
+
+    def _non_finite_loss(self, loss: Tensor) -> None:
+        where = self.model.first_nonfinite()
+        rank = self.global_rank if self._trainer is not None else 0
+        place = (f"first non-finite on rank {rank}: {where}" if where else
+                 f"on rank {rank} every layer's router logits and output were finite (the loss itself, the "
+                 f"output head, or another rank)")
+        step = self.trainer.global_step if self._trainer is not None else 0
+        if self.hparams.nan_policy == "stop":
+            raise NonFiniteLossError(f"training loss is {loss.item()} at global step {step}; {place}. Resume from the "
+                                     f"last checkpoint with a lower lr, or set model.nan_policy: skip.")
+        self.skipped_steps += 1
+        rank_zero_warn(f"training loss is {loss.item()} at global step {step} ({place}): optimizer step skipped "
+                       f"({self.skipped_steps} so far).")
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        return None  # Lightning then runs no backward and no optimizer step for this batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

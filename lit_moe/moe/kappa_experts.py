@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lit_moe.dtensor import full_tensor
 from lit_moe.errors import ConfigError
 from lit_moe.kappa import kappa_swiglu
 from lit_moe.moe.experts import DenseSwiGLU, SwiGLUExperts
@@ -66,7 +67,9 @@ class KappaParams(nn.Module):
 
     def regularization_losses(self) -> dict[str, Tensor]:
         """λ·(mean b² + mean a²); the Transformer sums it over layers and adds it to the loss."""
-        return {"kappa/reg": self.reg_weight * (self.bias.square().mean() + self.scale.square().mean())}
+        # full_tensor: called after forward, when FSDP2 has resharded b and a.
+        bias, scale = full_tensor(self.bias), full_tensor(self.scale)
+        return {"kappa/reg": self.reg_weight * (bias.square().mean() + scale.square().mean())}
 
 
 class KappaSwiGLUExperts(SwiGLUExperts):
@@ -176,7 +179,7 @@ class KappaSwiGLUExperts(SwiGLUExperts):
         if self._stats_sample is None:
             return None
         conf, expert = self._stats_sample
-        z = torch.addcmul(self.kappa.bias[expert], self.kappa.scale[expert], conf)
+        z = torch.addcmul(full_tensor(self.kappa.bias)[expert], full_tensor(self.kappa.scale)[expert], conf)
         return torch.exp(math.log(self.current_scale) * torch.tanh(z)), conf.squeeze(-1)
 
     @torch.no_grad()
@@ -230,7 +233,7 @@ class KappaDenseSwiGLU(DenseSwiGLU):
         return self.down(act * self.up(x))
 
     def regularization_losses(self) -> dict[str, Tensor]:
-        return {"kappa/reg": self.reg_weight * self.kappa_scale.square().mean()}
+        return {"kappa/reg": self.reg_weight * full_tensor(self.kappa_scale).square().mean()}
 
     def get_extra_state(self) -> dict[str, float]:
         return {"current_scale": self.current_scale}

@@ -10,6 +10,7 @@ counters on its device (`metrics()` / `reset_metrics()`, see `routing_metrics`).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,8 @@ class Router(nn.Module):
     uses_budget_k: bool = False
     # Set by the Transformer so messages can name the layer.
     layer_name: str = "router"
+    # NaN/Inf anywhere in the last forward's logits (a 0-d bool device tensor), see above.
+    nonfinite_logits: Tensor | None = None
     # Confidence modes `confidence()` supports; a subclass that cannot give one removes it,
     # and the MoE layer refuses experts asking for it at config time.
     confidence_modes: tuple[str, ...] = CONFIDENCE_MODES
@@ -98,6 +101,9 @@ class Router(nn.Module):
         `uses_budget_k`; ignored by the others.
         """
         logits = self.compute_logits(x)
+        # Device flag, no host sync: `Transformer.first_nonfinite()` reads it when the loss is
+        # non-finite, to name the first layer whose router logits went NaN/Inf.
+        self.nonfinite_logits = torch.isfinite(logits).all().logical_not()
         weights, assigned = self.route(logits, k)
         self.aux_losses = {
             "load_balance": switch_load_balance_loss(logits, assigned),
@@ -204,13 +210,15 @@ class SoftTopKRouter(Router):
 
     `alpha` and `theta` are plain floats (a schedule or the budget controller may change them
     during training) saved in the state dict through `get_extra_state`, so they resume.
-    `check_finite` raises on NaN/Inf logits naming the layer (one host sync per layer).
+    Non-finite logits are flagged on the device like every router's (`nonfinite_logits`) and
+    reported by LitMoE's `nan_policy`; the former `check_finite` option (a host sync per
+    layer) is deprecated and ignored.
     """
 
     uses_budget_k = True
 
     def __init__(self, d_model: int, num_experts: int, k: float = 2.0, alpha: float = 1.0, theta: float = 1.8,
-                 cap: float = 2.0, lb_weight: float = 1e-2, z_weight: float = 0.0, check_finite: bool = True):
+                 cap: float = 2.0, lb_weight: float = 1e-2, z_weight: float = 0.0, check_finite: bool | None = None):
         super().__init__(d_model, num_experts, lb_weight=lb_weight, z_weight=z_weight)
         if not 0 < k < num_experts:
             raise ConfigError(f"SoftTopKRouter: k={k} must lie in (0, num_experts={num_experts}).")
@@ -224,7 +232,10 @@ class SoftTopKRouter(Router):
         self.alpha = float(alpha)
         self.theta = float(theta)
         self.cap = float(cap)
-        self.check_finite = check_finite
+        if check_finite is not None:
+            warnings.warn("SoftTopKRouter(check_finite=...) is deprecated and ignored: non-finite router logits "
+                          "are flagged per layer without a host sync and handled by LitMoE's nan_policy "
+                          "(skip | stop).", DeprecationWarning, stacklevel=2)
         # Realised mean number of active experts per token in the last forward (device tensor).
         self.register_buffer("last_active", torch.zeros(()), persistent=False)
 
@@ -232,9 +243,6 @@ class SoftTopKRouter(Router):
         return self.k
 
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.check_finite and not torch.isfinite(logits).all():
-            raise FloatingPointError(f"{self.layer_name}: router logits are not finite (NaN/Inf); lower the "
-                                     f"learning rate or check the inputs of this layer.")
         k_layer = self.k if k is None else k
         probs = soft_topk(logits, k_layer, self.alpha)
         weights = truncate(probs, k_layer, self.theta, self.cap)
