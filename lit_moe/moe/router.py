@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_moe.errors import ConfigError
-from lit_moe.lapsum import soft_topk, truncate
+from lit_moe.lapsum import sparse_soft_topk
 from lit_moe.moe.routing_metrics import SPLITS, RoutingCounters
 
 
@@ -244,8 +244,7 @@ class SoftTopKRouter(Router):
 
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         k_layer = self.k if k is None else k
-        probs = soft_topk(logits, k_layer, self.alpha)
-        weights = truncate(probs, k_layer, self.theta, self.cap)
+        weights = sparse_soft_topk(logits, k_layer, self.alpha, self.theta, self.cap)
         assigned = weights != 0
         self.last_active = assigned.sum(dim=-1, dtype=torch.float32).mean().detach()
         return weights, assigned
