@@ -6,7 +6,7 @@
   `fit --ckpt_path last` continues exactly there.
 - Ctrl-C: the first press is handled like SIGTERM (finish the current step, save, exit); a
   second press interrupts at once, without saving.
-- Every checkpoint is written atomically (`lit_moe.atomic.AtomicCheckpointIO` for files, the
+- Every checkpoint is written atomically (`AtomicCheckpointIO` below for files, the
   symlink swap of `FSDP2Strategy` for sharded directories), so a process killed while saving
   never leaves `last.ckpt` pointing at a checkpoint that cannot load.
 
@@ -26,7 +26,28 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_moe.atomic import AtomicCheckpointIO
+from lit_moe.atomic import atomic_save
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, saving local files through `atomic_save`. Loading also
+    accepts a sharded (FSDP2) checkpoint directory, consolidated in memory, so a single-process
+    `validate` / `test` can read the checkpoints of sharded runs."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if os.path.isdir(path):
+            from lit_moe.checkpoint import read_checkpoint
+
+            return read_checkpoint(str(path))
+        kwargs: dict[str, Any] = {"weights_only": weights_only}
+        if map_location is not None:  # else Lightning's default (CPU storages)
+            kwargs["map_location"] = map_location
+        return super().load_checkpoint(path, **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, path)
 
 
 class FaultToleranceCallback(L.Callback):

@@ -8,6 +8,7 @@ in memory a second time.
 
 A directory (a sharded checkpoint) cannot replace another in one rename, so its final name is
 a symlink: the new directory is written under a unique name and the link is swapped atomically.
+Plain torch (no Lightning): `callbacks.fault_tolerance.AtomicCheckpointIO` plugs this into Lightning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -65,24 +65,3 @@ def point_symlink(link: Path, target: Path) -> None:
     else:
         os.replace(tmp, link)
     _fsync_directory(link.parent)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, saving local files through `atomic_save`. Loading also
-    accepts a sharded (FSDP2) checkpoint directory, consolidated in memory, so a single-process
-    `validate` / `test` can read the checkpoints of sharded runs."""
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        if os.path.isdir(path):
-            from lit_moe.checkpoint import read_checkpoint
-
-            return read_checkpoint(str(path))
-        kwargs: dict[str, Any] = {"weights_only": weights_only}
-        if map_location is not None:  # else Lightning's default (CPU storages)
-            kwargs["map_location"] = map_location
-        return super().load_checkpoint(path, **kwargs)
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_save(checkpoint, path)

@@ -98,6 +98,11 @@ def _checkpoint_shapes(checkpoint: dict[str, Any]) -> dict[str, tuple[int, ...]]
     return None
 
 
+# Model settings the CLI takes from the data module rather than from the model config.
+_SOURCE = {"vocab_size": " (from the data module's tokenizer: data.vocab_size / data.tokenizer_path)",
+           "seq_len": " (from data.seq_len)"}
+
+
 def _likely_fields(shape_a: tuple[int, ...], shape_b: tuple[int, ...], config: ModelConfig) -> list[str]:
     """Model-config fields whose current value is a dimension that differs between the shapes."""
     sizes = {name: getattr(config, name) for name in ("vocab_size", "d_model", "num_experts", "expert_hidden",
@@ -124,7 +129,7 @@ def check_compatible(checkpoint: dict[str, Any], module: LitMoE, path: str) -> N
         return
     saved = (checkpoint.get("hyper_parameters") or {}).get("config")
     current = dataclasses.asdict(module.config)
-    differing = [f"{name}: {saved[name]!r} in the checkpoint, {current[name]!r} here"
+    differing = [f"{name}: {saved[name]!r} in the checkpoint, {current[name]!r} here{_SOURCE.get(name, '')}"
                  for name in current if isinstance(saved, dict) and name in saved and saved[name] != current[name]]
     if mismatched:
         name, shape_ckpt, shape_here = mismatched[0]

@@ -181,7 +181,7 @@ class LitMoE(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from lit_moe.checkpoint import check_compatible
 
-        check_compatible(checkpoint, self, "(resumed)")
+        check_compatible(checkpoint, self, str(self.trainer.ckpt_path) if self._trainer is not None else "checkpoint")
         self.tokenizer_json = checkpoint.get("tokenizer_json", self.tokenizer_json)
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         states = checkpoint.get("rng_states")

@@ -13,9 +13,10 @@ from torch.distributed.tensor import DTensor
 
 
 class StepRecorder(L.Callback):
-    """One JSON line per finished training step in `{path}.rank{R}.jsonl`: the global step
-    after it, the loss averaged over ranks (the global batch's loss: every rank's share has the
-    same size), and how many parameter elements this rank stores versus the model's total."""
+    """One JSON line per finished training batch in `{path}.rank{R}.jsonl`: the global step
+    after it, whether it was skipped, the loss averaged over ranks (the global batch's loss:
+    every rank's share has the same size), how many parameter elements this rank stores versus
+    the model's total, and the sum of this rank's parameter values (to see whether they moved)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -23,10 +24,11 @@ class StepRecorder(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         params = list(pl_module.parameters())
-        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
-        record = {"step": trainer.global_step, "skipped": outputs is None,
-                  "local_params": local, "params": sum(p.numel() for p in params)}
-        if outputs is not None:
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        skipped = not outputs  # Lightning hands on an empty result for a skipped step
+        record = {"step": trainer.global_step, "skipped": skipped, "local_params": sum(p.numel() for p in local),
+                  "params": sum(p.numel() for p in params), "param_sum": sum(p.double().sum().item() for p in local)}
+        if not skipped:
             loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")
             record["loss"] = loss.item()
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
