@@ -129,6 +129,7 @@ class LitMoE(L.LightningModule):
 
     # -- data / checkpoint plumbing ---------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self._check_strategy(self.trainer.strategy)
         if self.trainer.strategy.root_device.type == "cpu":
             # AdamW moments of rarely-used rows (embeddings, idle experts) decay geometrically
             # into denormal floats, which CPUs process ~10× slower: measured 1.5 s → 11 s per
@@ -149,6 +150,18 @@ class LitMoE(L.LightningModule):
     def teardown(self, stage: str) -> None:
         # Flushing denormals is process-global state; give it back when this run is done.
         torch.set_flush_denormal(False)
+
+    def _check_strategy(self, strategy: Any) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # The expert budget (callbacks, active-parameter counts) and κ-SwiGLU's penalty read
+        # parameters after the forward, where FSDP1 leaves only this rank's flat fragments
+        # (FSDP2 gives DTensors, which `lit_moe.dtensor.full_tensor` gathers).
+        penalties = any(hasattr(m, "regularization_losses") for m in self.model.modules() if m is not self.model)
+        if isinstance(strategy, FSDPStrategy) and (self.model.budget is not None or penalties):
+            raise ConfigError("Lightning's FSDPStrategy (FSDP1) cannot train a model with a SoftMoE budget or "
+                              "κ-SwiGLU parameters (they are read outside the forward, where FSDP1 keeps only "
+                              "fragments); use FSDP2: --config conf/fsdp_gpu.yaml (GPU) or conf/fsdp.yaml (CPU).")
 
     def configure_model(self) -> None:
         """FSDP2 under ModelParallelStrategy: shard each block, then the root (idempotent:

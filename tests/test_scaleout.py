@@ -280,6 +280,17 @@ def test_impossible_trainer_settings_are_one_clear_error(work, capsys):
     assert "accelerator" in err and "Traceback" not in err
 
 
+def test_fsdp1_is_refused_for_models_that_read_parameters_outside_forward():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    small = dict(vocab_size=64, seq_len=8, d_model=16, n_layers=2, n_heads=2, num_experts=4, expert_hidden=8)
+    LitMoE(ModelConfig(**small))._check_strategy(FSDPStrategy())  # top-k: fine
+    soft = ModelConfig(**small, router={"class_path": "lit_moe.moe.SoftTopKRouter", "init_args": {"k": 1.5}},
+                       budget={"total": 3.0, "learnable": True})
+    with pytest.raises(ConfigError, match="conf/fsdp_gpu.yaml"):
+        LitMoE(soft)._check_strategy(FSDPStrategy())
+
+
 def test_checkpoint_of_another_model_config_is_refused_naming_the_mismatch(work, single, capsys):
     # LightningCLI builds the model from a checkpoint file's own hyperparameters, but the
     # vocabulary follows the data module's tokenizer: here one of 384 tokens, not 320.
