@@ -3,6 +3,7 @@
 - `evaluation.adapter.LitMoELM`: lm-eval model `lit_moe` (a checkpoint or an in-memory model).
 - `evaluation.core`: CORE bundle reading, requests, scoring (`evaluate_core`), JSON/MLflow output.
 - `evaluation.cli`: `python cli.py evaluate --ckpt_path ...`.
+- `evaluation.report`: `python cli.py report --experiment NAME`: compare runs in the MLflow store.
 - `python -m evaluation ...`: lm-eval's own CLI with `lit_moe` registered.
 
 Names are imported lazily: `import evaluation` stays cheap (no torch, no lm-eval).
