@@ -121,13 +121,11 @@ def shard_transformer(model: nn.Module, mesh: Any, param_dtype: torch.dtype | No
     """Apply FSDP2 to each Transformer block, then to the root (embeddings, head, budget, ...).
 
     A block holding a module shared with another block (κ-SwiGLU's `global` b, a) is left to
-    the root's shard group, since FSDP2 groups must not overlap. Parameter attributes that
-    FSDP2 does not carry over to its new (DTensor) parameters, like the `optim_group` tag,
-    are copied by name.
+    the root's shard group, since FSDP2 groups must not overlap. The new DTensor parameters do
+    not carry attributes such as `optim_group`; LitMoE keeps those tags by parameter name.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    tags = {name: p.optim_group for name, p in model.named_parameters() if hasattr(p, "optim_group")}
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype or param_dtype)
     owners: dict[int, int] = {}
     for block in model.blocks:
@@ -139,9 +137,6 @@ def shard_transformer(model: nn.Module, mesh: Any, param_dtype: torch.dtype | No
     # The root's parameters (embedding/tied head) are needed again right at the start of
     # backward, so the root keeps them gathered after forward (FSDP2's default for the root).
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    for name, param in model.named_parameters():
-        if name in tags:
-            param.optim_group = tags[name]
 
 
 def is_sharded(model: nn.Module) -> bool:

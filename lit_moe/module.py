@@ -51,21 +51,28 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: Sche
     return 1.0 - (1.0 - min_lr_ratio) * progress
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def optim_group_tags(model: nn.Module) -> dict[str, str]:
+    """{parameter name: tag} of the parameters tagged with `param.optim_group`."""
+    return {name: p.optim_group for name, p in model.named_parameters() if hasattr(p, "optim_group")}
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, tags: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices; none on norms, biases and embeddings.
 
     A feature that needs its own group (own lr schedule or decay) tags its parameters with
     `param.optim_group = "name"`; each distinct tag becomes a group without weight decay,
-    named so callbacks can find it (`group["name"]`).
+    named so callbacks can find it (`group["name"]`). `tags` ({parameter name: tag}, from
+    `optim_group_tags` before a strategy touched the model) covers parameters whose objects a
+    strategy replaced, losing their attributes (FSDP2's DTensors after Lightning's `.to(device)`).
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": []}
     seen: set[int] = set()
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if id(param) in seen or not param.requires_grad:
             continue
         seen.add(id(param))
-        tag = getattr(param, "optim_group", None)
+        tag = getattr(param, "optim_group", None) or (tags or {}).get(name)
         if tag is not None:
             groups.setdefault(tag, []).append(param)
         elif param.ndim >= 2 and id(param) not in embeddings:
@@ -119,6 +126,7 @@ class LitMoE(L.LightningModule):
         config = dataclasses.asdict(config)  # noqa: F841 (read by save_hyperparameters from this frame)
         self.save_hyperparameters()
         self.model = Transformer(self.config)
+        self._optim_group_tags = optim_group_tags(self.model)  # by name: survives strategies' param swaps
         for block in self.model.blocks:
             block.activation_checkpointing = activation_checkpointing
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy: skip)
@@ -282,8 +290,8 @@ class LitMoE(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, hp.weight_decay), lr=hp.lr,
-                                      betas=tuple(hp.betas), fused=False)
+        groups = parameter_groups(self.model, hp.weight_decay, self._optim_group_tags)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=False)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

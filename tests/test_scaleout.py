@@ -2,9 +2,12 @@
 process with the same global batch, sharded checkpoints loaded in one process, exact resume,
 SIGTERM, atomic saves, NaN handling, and the errors for settings that cannot work.
 
-One tiny model throughout (d=32, 2 layers, 4 experts, seq 32, 320-token vocabulary); the load
-balancing loss is off (lb_weight 0) because it is computed per rank, so with it 2 ranks and 1
-process would optimise slightly different losses.
+One tiny model throughout (d=32, 2 layers, 4 experts, seq 32, 320-token vocabulary) with every
+stateful part: SoftMoE router (α, θ as extra state) under a learned budget (η), κ-SwiGLU experts
+(own optimizer group, U as extra state), ExpertBudgetCallback enforcing the budget (controller
+state) and KappaScheduleCallback (schedule state). The load balancing loss is off (lb_weight 0)
+because it is computed per rank, so with it 2 ranks and 1 process would optimise slightly
+different losses.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from lit_moe.data import ResumableDataLoader, ResumableSampler, TokenWindows
 from lit_moe.distributed import FSDP2Strategy
 from lit_moe.errors import ConfigError
 from lit_moe.model import ModelConfig
-from lit_moe.module import LitMoE
+from lit_moe.module import LitMoE, parameter_groups
 from lit_moe.rng import rng_state, set_rng_state
 from tests.scaleout_helpers import read_steps
 
@@ -52,6 +55,10 @@ trainer:
   callbacks:
   - class_path: lightning.pytorch.callbacks.ModelCheckpoint
     init_args: {{dirpath: {ckpt}, filename: "{{step}}", every_n_train_steps: 4, save_top_k: -1, save_last: true}}
+  - class_path: callbacks.ExpertBudgetCallback
+    init_args: {{mode: enforce, control_every: 3, alpha_start: 2.0, alpha_end: 0.5}}
+  - class_path: callbacks.KappaScheduleCallback
+    init_args: {{lr_delay_steps: 2, lr_ramp_steps: 4}}
 {extra_callbacks}
   - class_path: tests.scaleout_helpers.StepRecorder
     init_args: {{path: {record}}}
@@ -65,7 +72,9 @@ model:
     n_heads: 2
     num_experts: 4
     expert_hidden: 32
-    router: {{class_path: lit_moe.moe.TopKRouter, init_args: {{top_k: 2, lb_weight: 0.0}}}}
+    router: {{class_path: lit_moe.moe.SoftTopKRouter, init_args: {{theta: 1.8, cap: 2.0, lb_weight: 0.0}}}}
+    budget: {{total: 3.0, learnable: true}}
+    experts: {{class_path: lit_moe.moe.KappaSwiGLUExperts, init_args: {{granularity: per_gate}}}}
 data:
   train_files: train.jsonl
   val_files: val.jsonl
@@ -112,6 +121,8 @@ def single(work):
 def test_exact_resume_continues_with_identical_losses(work, single):
     position = torch.load("ckpt_single/step=4.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]
     assert position["combined_loader"] == [{"epoch": 0, "windows_done": 4 * 8, "seed": 1234}]
+    callbacks = torch.load("ckpt_single/step=4.ckpt", weights_only=True)["callbacks"]
+    assert callbacks["ExpertBudgetCallback"]["active_steps"] == 1  # one step into a 3-step control window
     cli.main(["fit", "--config", config("resumed"), "--ckpt_path", "ckpt_single/step=4.ckpt"])
     resumed = losses("resumed")
     assert sorted(resumed) == [5, 6, 7, 8]  # steps 7, 8 are in the second epoch
@@ -252,7 +263,7 @@ def test_nan_loss_skip_policy_skips_the_step_and_counts_it(work):
     assert records[2]["param_sum"] == records[1]["param_sum"] != records[3]["param_sum"]
     checkpoint = torch.load("ckpt_nan_skip/last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4 and checkpoint["skipped_steps"] == 1
-    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor))
 
 
 def test_nan_loss_stop_policy_names_step_and_layer(work, capsys):
@@ -298,6 +309,17 @@ def test_checkpoint_of_another_model_config_is_refused_naming_the_mismatch(work,
                       "--ckpt_path", "ckpt_single/step=8.ckpt"], capsys)
     assert "vocab_size: 320 in the checkpoint, 384 here" in err and "data.vocab_size" in err
     assert "[320, 32]" in err and "[384, 32]" in err
+
+
+def test_optimizer_groups_survive_a_strategy_replacing_parameter_objects():
+    cfg = ModelConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=2, n_heads=2, num_experts=4, expert_hidden=8,
+                      experts={"class_path": "lit_moe.moe.KappaSwiGLUExperts"})
+    module = LitMoE(cfg)
+    kappa = module.model.blocks[1].mlp.experts.kappa
+    kappa.bias = torch.nn.Parameter(kappa.bias.detach().clone())  # a new object, no `optim_group` attribute
+    groups = {g["name"]: g["params"] for g in parameter_groups(module.model, 0.1, module._optim_group_tags)}
+    assert any(p is kappa.bias for p in groups["kappa"])
+    assert len(groups["kappa"]) == 4 and not any(p is kappa.bias for p in groups["decay"])
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
