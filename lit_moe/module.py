@@ -97,8 +97,8 @@ class LitMoE(L.LightningModule):
         decay_fraction: share of training spent decaying under 'wsd'.
         nan_policy: what a NaN/Inf training loss does. 'stop': raise an error naming the global
             step and the first layer whose router logits or output went non-finite. 'skip':
-            skip that optimizer step on every rank, warn, and count it (`train/skipped_steps`).
-            Checking costs one host sync per step.
+            skip that optimizer update on every rank (the batch still counts as a step), warn,
+            and count it (`train/skipped_steps`). Checking costs one host sync per step.
         activation_checkpointing: recompute each Transformer block's activations in backward
             instead of storing them (less memory, about one more forward of compute).
 
@@ -130,6 +130,7 @@ class LitMoE(L.LightningModule):
         for block in self.model.blocks:
             block.activation_checkpointing = activation_checkpointing
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy: skip)
+        self._skip_optimizer_step = False
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity()
         self.tokenizer_json: str | None = None
@@ -223,13 +224,17 @@ class LitMoE(L.LightningModule):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return ce, logits, targets
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         ce, _, _ = self._lm_loss(batch)
         aux = self.model.weighted_aux_loss()
         loss = ce + aux
         global_loss = self._mean_over_ranks(loss)
         if not math.isfinite(global_loss.item()):  # the step's one host sync
-            return self._non_finite_loss(loss)
+            self._non_finite_loss(loss)  # raises under nan_policy "stop"
+            # "skip": backward still runs, on every rank alike (its collectives must match);
+            # on_before_optimizer_step then drops the gradients, so the update does nothing.
+            self._skip_optimizer_step = True
+            return loss
         self.log("train/skipped_steps", float(self.skipped_steps))
         self.log("train/loss", global_loss, prog_bar=True)  # the loss of the global batch
         self.log("train/ce", ce)
@@ -260,7 +265,13 @@ class LitMoE(L.LightningModule):
         rank_zero_warn(f"training loss is {loss.item()} at global step {step} ({place}): optimizer step skipped "
                        f"({self.skipped_steps} so far).")
         self.log("train/skipped_steps", float(self.skipped_steps))
-        return None  # Lightning then runs no backward and no optimizer step for this batch
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self._skip_optimizer_step:
+            # No gradients: AdamW leaves these weights and their moments as they are, and
+            # gradient clipping (next) sees nothing to clip.
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_optimizer_step = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

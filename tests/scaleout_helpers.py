@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -25,12 +26,12 @@ class StepRecorder(L.Callback):
                            batch_idx: int) -> None:
         params = list(pl_module.parameters())
         local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-        skipped = not outputs  # Lightning hands on an empty result for a skipped step
-        record = {"step": trainer.global_step, "skipped": skipped, "local_params": sum(p.numel() for p in local),
-                  "params": sum(p.numel() for p in params), "param_sum": sum(p.double().sum().item() for p in local)}
-        if not skipped:
-            loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")
-            record["loss"] = loss.item()
+        loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean").item()
+        record = {"step": trainer.global_step, "skipped": not math.isfinite(loss),  # nan_policy "skip"
+                  "local_params": sum(p.numel() for p in local), "params": sum(p.numel() for p in params),
+                  "param_sum": sum(p.double().sum().item() for p in local)}
+        if math.isfinite(loss):
+            record["loss"] = loss
         with open(f"{self.path}.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -54,28 +55,36 @@ class InjectNaN(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         weight = pl_module.model.blocks[self.layer].mlp.router.gate.weight
-        if trainer.global_step == self.at_step and trainer.global_rank == self.rank and not self._done:
+        weight = weight.to_local() if isinstance(weight, DTensor) else weight  # FSDP2: this rank's shard
+        if trainer.global_step == self.at_step and not self._done:
             self._done = True
-            with torch.no_grad():
-                self._saved = weight.detach().clone()
-                weight.view(-1)[0] = float("nan")
+            if trainer.global_rank == self.rank:
+                with torch.no_grad():
+                    self._saved = weight.detach().clone()
+                    weight.view(-1)[0] = float("nan")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._saved is not None:  # one bad step only: restore the weight
+            weight = pl_module.model.blocks[self.layer].mlp.router.gate.weight
             with torch.no_grad():
-                pl_module.model.blocks[self.layer].mlp.router.gate.weight.copy_(self._saved)
+                (weight.to_local() if isinstance(weight, DTensor) else weight).copy_(self._saved)
             self._saved = None
 
 
 def main(argv: list[str]) -> None:
-    """`python -m torch.distributed.run --nproc_per_node 2 tests/scaleout_helpers.py FIT_ARGS -- RESUME_ARGS`:
-    two CLI fits in the same ranks (a fit, then a resumed one), saving process start-ups."""
+    """`python -m torch.distributed.run --nproc_per_node 2 tests/scaleout_helpers.py ARGS -- ARGS ...`:
+    one CLI fit per `--`-separated group, one after another in the same ranks (saves start-ups)."""
     import cli
 
-    split = argv.index("--")
-    cli.main(["fit", *argv[:split]])
-    cli.main(["fit", *argv[split + 1:]])
+    groups: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--":
+            groups.append([])
+        else:
+            groups[-1].append(arg)
+    for args in groups:
+        cli.main(["fit", *args])
 
 
 if __name__ == "__main__":

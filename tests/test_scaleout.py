@@ -92,6 +92,11 @@ def config(name: str, max_steps: int = 8, extra_callbacks: str = "", nan_policy:
     return path
 
 
+# A NaN in a router weight of layer 1 (on rank 0) for the batch after step 2.
+NAN_AT_STEP_2 = """  - class_path: tests.scaleout_helpers.InjectNaN
+    init_args: {at_step: 2, layer: 1}"""
+
+
 def losses(name: str, rank: int = 0) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_steps(name, rank) if not r["skipped"]}
 
@@ -133,12 +138,15 @@ def test_exact_resume_continues_with_identical_losses(work, single):
 def test_fsdp2_two_processes_match_one_process_then_resume_and_evaluate(work, single, capsys):
     fsdp = ["--config", str(REPO / "conf" / "tiny.yaml")]  # the documented combination
     both = ["--config", str(REPO / "conf" / "fsdp.yaml"), "--data.batch_size", "4"]  # 2 × 4 = 8 per step
-    # One torchrun launch runs both fits in the same two ranks (saves process start-ups).
+    # One torchrun launch runs the three fits in the same two ranks (saves process start-ups):
+    # straight, resumed from step 4, and with a NaN at step 2 under nan_policy "skip".
+    nan_skip = config("fsdp_nan", 4, NAN_AT_STEP_2, nan_policy="skip")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(REPO / "tests" / "scaleout_helpers.py"),
          *fsdp, "--config", config("fsdp"), *both, "--",
-         *fsdp, "--config", config("fsdp_resumed"), *both, "--ckpt_path", "ckpt_fsdp/step=4.ckpt"],
+         *fsdp, "--config", config("fsdp_resumed"), *both, "--ckpt_path", "ckpt_fsdp/step=4.ckpt", "--",
+         *fsdp, "--config", nan_skip, *both],
         cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -156,6 +164,12 @@ def test_fsdp2_two_processes_match_one_process_then_resume_and_evaluate(work, si
     assert sorted(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():
         assert loss == pytest.approx(sharded[step], abs=1e-6), step
+
+    # NaN on rank 0 at step 2: both ranks skip that update together and go on.
+    for rank in (0, 1):
+        records = read_steps("fsdp_nan", rank)
+        assert [(r["step"], r["skipped"]) for r in records] == [(1, False), (2, False), (3, True), (4, False)]
+        assert records[2]["param_sum"] == records[1]["param_sum"] != records[3]["param_sum"]
 
     # Sharded checkpoints: `last.ckpt` is a link to a complete directory; replaced ones are gone.
     ckpt = Path("ckpt_fsdp")
@@ -248,10 +262,6 @@ def test_sharded_save_switches_the_link_only_when_complete(tmp_path, monkeypatch
     assert not first.exists()  # the replaced directory is deleted
     strategy.remove_checkpoint(link)
     assert not link.exists() and not link.is_symlink()
-
-
-NAN_AT_STEP_2 = """  - class_path: tests.scaleout_helpers.InjectNaN
-    init_args: {at_step: 2, layer: 1}"""
 
 
 def test_nan_loss_skip_policy_skips_the_step_and_counts_it(work):
