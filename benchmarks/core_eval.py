@@ -55,7 +55,7 @@ def naive_loglikelihood(lm: LitMoELM, pairs: list[tuple[str, str]]) -> list[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=512, help="requests for the throughput comparison")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=16, help="adapter batch (seq_len-token rows)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

@@ -13,6 +13,7 @@ continuation; only the last ``seq_len + 1`` tokens are kept (left truncation).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -83,7 +84,8 @@ class LitMoELM(TemplateLM):
     Args:
         checkpoint: a ``.ckpt`` written by ``fit`` (model and tokenizer come from it), or
         model, tokenizer: an in-memory ``lit_moe.model.Transformer`` and its tokenizer.
-        batch_size: sequences per forward pass.
+        batch_size: sequences of seq_len tokens per forward pass (a token budget: shorter
+            rows come more to a batch, packed ones fewer).
         max_gen_toks: default cap on generated tokens for ``generate_until``.
         device: where to run; default: the model's device, or CUDA when loading a checkpoint
             on a machine that has one.
@@ -203,8 +205,7 @@ class LitMoELM(TemplateLM):
         rows.sort(key=lambda row: len(row.tokens), reverse=True)
         progress = tqdm(total=sum(len(v) for conts in groups.values() for v in conts.values()),
                         desc="lit_moe loglikelihood", disable=disable_tqdm)
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
+        for batch in self._batches(rows):
             length = len(batch[0].tokens)
             idx = torch.zeros(len(batch), length, dtype=torch.long)
             packed = any(len(row.targets) > 1 for row in batch)
@@ -244,6 +245,16 @@ class LitMoELM(TemplateLM):
                     progress.update(len(groups[row.context][target]))
         progress.close()
         return results
+
+    def _batches(self, rows: list[PackedRow]) -> Iterator[list[PackedRow]]:
+        """Consecutive rows (longest first) in batches of at most batch_size · seq_len tokens,
+        padding included: packed rows run up to 2·seq_len, short ones come many to a batch."""
+        budget = self.batch_size * self.max_length
+        start = 0
+        while start < len(rows):
+            count = max(1, budget // len(rows[start].tokens))
+            yield rows[start:start + count]
+            start += count
 
     def _pack(self, context: tuple[int, ...], targets: list[tuple[int, ...]]) -> list[PackedRow]:
         """Rows holding `context` once and then as many continuations as fit in 2·seq_len
