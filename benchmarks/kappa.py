@@ -61,6 +61,43 @@ def cuda_peak_bytes(layer: MoELayer, x: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def tiny_training_step(repeats: int) -> dict:
+    """The whole tiny-config training step (conf/tiny.yaml sizes, batch 16 × 256, AdamW):
+    SwiGLU experts vs fused κ-SwiGLU experts, interleaved medians."""
+    import torch.nn.functional as F
+
+    from lit_moe.model import ModelConfig, Transformer
+
+    base = dict(vocab_size=8192, seq_len=256, d_model=192, n_layers=4, n_heads=4, num_experts=8, expert_hidden=256)
+    kappa_experts = {"class_path": "lit_moe.moe.KappaSwiGLUExperts", "init_args": {"fused": True}}
+    batch = torch.randint(0, 8192, (16, 257))
+    steps = {}
+    for name, experts in (("plain", None), ("kappa", kappa_experts)):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**base, **({"experts": experts} if experts else {})))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def fn(model=model, opt=opt):
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, 8192), batch[:, 1:].reshape(-1)) + model.weighted_aux_loss()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(2):
+            fn()
+        steps[name] = fn
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    return {"config": "tiny training step (16×256 tokens, 4 MoE layers, AdamW)", "plain_ms": round(ms["plain"], 1),
+            "fused_ms": round(ms["kappa"], 1), "time_ratio_fused": round(ms["kappa"] / ms["plain"], 3),
+            "target": "<= 1.05", "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -70,6 +107,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--granularity", default="per_gate")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a busy machine)")
+    parser.add_argument("--tiny_step_only", action="store_true", help="only the whole tiny training step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +115,7 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as LitMoE does on CPU
     # (d, E, h): the two layer shapes of the issue, and the tiny config's layer (d=192, 16×256 tokens).
-    shapes = [(args.d_model, 8, 1024), (args.d_model, 64, 256), (192, 8, 256)]
+    shapes = [] if args.tiny_step_only else [(args.d_model, 8, 1024), (args.d_model, 64, 256), (192, 8, 256)]
     for d_model, num_experts, hidden in shapes:
         torch.manual_seed(0)
         plain = MoELayer(d_model, hidden, num_experts, ROUTER, {"class_path": "lit_moe.moe.SwiGLUExperts"}, DISPATCH)
@@ -125,6 +163,8 @@ def main() -> None:
             peak = {name: cuda_peak_bytes(layer, x) for name, layer in layers.items()}
             row["peak_ratio_fused"] = round(peak["fused"] / peak["plain"], 4)
         print(json.dumps(row), flush=True)
+    if device.type == "cpu":
+        print(json.dumps(tiny_training_step(max(5, args.repeats))), flush=True)
 
 
 if __name__ == "__main__":
