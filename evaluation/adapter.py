@@ -213,18 +213,17 @@ class LitMoELM(TemplateLM):
             # where padding attends only to itself) and per-token routing.
             positions = torch.zeros(len(batch), length, dtype=torch.long) if packed else None
             mask = torch.eye(length, dtype=torch.bool).repeat(len(batch), 1, 1) if packed else None
-            rows_at, at, wanted, owners = [], [], [], []
+            rows_at, at, wanted = [], [], []
             for b, row in enumerate(batch):
-                idx[b, :len(row.tokens)] = torch.tensor(row.tokens)
+                n = len(row.tokens)
+                idx[b, :n] = torch.tensor(row.tokens)
                 if packed:
-                    positions[b, :len(row.tokens)] = torch.tensor(row.positions)
-                    n = len(row.tokens)
+                    positions[b, :n] = torch.tensor(row.positions)
                     mask[b, :n, :n] = row.mask()
                 for target, scored_at in zip(row.targets, row.scored_at):
                     rows_at += [b] * len(target)
                     at += scored_at
                     wanted += target
-                    owners.append(groups[row.context][target])
             logits = self._logits_at(idx.to(self._device), rows_at, at,
                                      None if positions is None else positions.to(self._device),
                                      None if mask is None else mask.to(self._device))
@@ -233,16 +232,17 @@ class LitMoELM(TemplateLM):
             token_logprob = logprobs.gather(1, wanted_t[:, None]).squeeze(1).double().cpu()
             greedy = (logprobs.argmax(-1) == wanted_t).cpu()
             offset = 0
-            for b, row in enumerate(batch):
+            for row in batch:
                 for target in row.targets:
                     n = len(target)
                     result = (float(token_logprob[offset:offset + n].sum()), bool(greedy[offset:offset + n].all()))
                     offset += n
-                    for i in groups[row.context][target]:
+                    same_request = groups[row.context][target]
+                    for i in same_request:
                         results[i] = result
                         if requests[i][0] is not None:
                             self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
-                    progress.update(len(groups[row.context][target]))
+                    progress.update(len(same_request))
         progress.close()
         return results
 
