@@ -80,21 +80,25 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        # (cos, sin) per position and pair: [max_len, head_dim/2, 2], read as complex numbers.
         # Non-persistent: recomputed from the config, so checkpoints hold only learned weights.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("rotation", torch.stack((angles.cos(), angles.sin()), dim=-1), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        """x: [B, H, S, Dh]; rotates (even, odd) halves by position-dependent angles.
+        """x: [..., B, H, S, Dh] (e.g. q and k stacked in front); rotates each (even, odd) pair
+        by a position-dependent angle.
 
-        positions: [B, S] position of each token (default 0..S−1), e.g. for packed rows."""
+        positions: [B, S] position of each token (default 0..S−1), e.g. for packed rows.
+        The pairs are rotated as complex numbers, one multiply in fp32: a single pass over x
+        where the real-valued form needs four products, a sum, a difference and a stack.
+        """
         if positions is None:
-            seq = x.shape[-2]
-            cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
-        else:  # [B, S, Dh/2] → [B, 1, S, Dh/2], broadcast over heads
-            cos, sin = self.cos[positions].unsqueeze(1).to(x.dtype), self.sin[positions].unsqueeze(1).to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+            rotation = self.rotation[:x.shape[-2]]
+        else:  # [B, S, Dh/2, 2] → [B, 1, S, Dh/2, 2], broadcast over heads
+            rotation = self.rotation[positions].unsqueeze(1)
+        rotation = torch.view_as_complex(rotation.float())
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,12 +113,17 @@ class CausalSelfAttention(nn.Module):
         """x: [B, S, d]. positions [B, S] and attn_mask [B, S, S] (True = may attend) replace
         0..S−1 and the causal mask, e.g. for several continuations packed after one context."""
         batch, seq, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        qkv = self.qkv(x).view(batch, seq, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = self.rope(qkv[:2], positions)  # q and k in one pass
+        v = qkv[2]
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None])
+        else:  # [B, S, S] or [B, 1, S, S]; bool (True = may attend) or additive float
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask[:, None]
+            if attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:  # e.g. under autocast
+                attn_mask = attn_mask.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
 
 
@@ -143,7 +152,8 @@ class Block(nn.Module):
             out = checkpoint(self._forward, x, k, positions, attn_mask, use_reentrant=False)
         else:
             out = self._forward(x, k, positions, attn_mask)
-        self.nonfinite_output = torch.isfinite(out).all().logical_not()
+        # Only training steps read it (nan_policy); evaluation forwards skip the reduction.
+        self.nonfinite_output = torch.isfinite(out).all().logical_not() if self.training else None
         return out
 
     def _forward(self, x: Tensor, k: Tensor | None, positions: Tensor | None = None,
@@ -225,6 +235,11 @@ class Transformer(nn.Module):
         if positions is None and idx.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's seq_len {self.cfg.seq_len}.")
         x = self.tok_emb(idx)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            # Once per forward, as SDPA's additive float mask: a bool mask would be converted
+            # again in every layer.
+            attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
+                attn_mask.logical_not(), float("-inf")).unsqueeze(1)
         # One budget evaluation per forward; MoE block j gets k_j (gradient reaches η).
         layer_k = iter(self.budget.k()) if self.budget is not None else None
         for block in self.blocks:

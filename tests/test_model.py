@@ -28,6 +28,28 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged():
     assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-4  # the change is visible from position 9 on
 
 
+def test_rope_rotates_each_pair_by_position_times_frequency():
+    """Hand-written rotation: pair i = (x[2i], x[2i+1]) at position p turns by p·θ^(−2i/Dh)."""
+    torch.manual_seed(0)
+    head_dim, theta = 8, 10000.0
+    rope = RotaryEmbedding(head_dim, 16, theta)
+    x = torch.randn(2, 3, 5, 16, head_dim, dtype=torch.float64)  # [extra, B, H, S, Dh]
+    positions = torch.randint(0, 16, (3, 16))
+    out = rope(x.float(), positions).double()
+    expected = torch.empty_like(x)
+    for b in range(3):
+        for s in range(16):
+            for i in range(head_dim // 2):
+                angle = positions[b, s].item() * theta ** (-2 * i / head_dim)
+                c, si = math.cos(angle), math.sin(angle)
+                x1, x2 = x[:, b, :, s, 2 * i], x[:, b, :, s, 2 * i + 1]
+                expected[:, b, :, s, 2 * i] = x1 * c - x2 * si
+                expected[:, b, :, s, 2 * i + 1] = x1 * si + x2 * c
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # default positions are 0..S−1
+    torch.testing.assert_close(rope(x[0, :1].float()), rope(x[0, :1].float(), torch.arange(16)[None]))
+
+
 def test_rope_scores_depend_only_on_relative_position():
     """<R(m)q, R(n)k> = <R(m+s)q, R(n+s)k>: rotary attention sees offsets, not positions."""
     torch.manual_seed(0)

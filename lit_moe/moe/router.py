@@ -101,14 +101,18 @@ class Router(nn.Module):
         `uses_budget_k`; ignored by the others.
         """
         logits = self.compute_logits(x)
-        # Device flag, no host sync: `Transformer.first_nonfinite()` reads it when the loss is
-        # non-finite, to name the first layer whose router logits went NaN/Inf.
-        self.nonfinite_logits = torch.isfinite(logits).all().logical_not()
+        # Device flag, no host sync: `Transformer.first_nonfinite()` reads it when a training
+        # loss is non-finite, to name the first layer whose router logits went NaN/Inf.
+        self.nonfinite_logits = torch.isfinite(logits).all().logical_not() if self.training else None
         weights, assigned = self.route(logits, k)
-        self.aux_losses = {
-            "load_balance": switch_load_balance_loss(logits, assigned),
-            "z_loss": router_z_loss(logits),
-        }
+        # Scoring without gradients and without statistics (lm-eval requests) needs neither.
+        if torch.is_grad_enabled() or self.record_metrics:
+            self.aux_losses = {
+                "load_balance": switch_load_balance_loss(logits, assigned),
+                "z_loss": router_z_loss(logits),
+            }
+        else:
+            self.aux_losses = {}
         # Activation checkpointing re-runs this forward inside backward (the autograd engine then
         # has a current graph task): count each routing once.
         if self.record_metrics and torch._C._current_graph_task_id() == -1:
@@ -158,6 +162,8 @@ class Router(nn.Module):
         return torch.ones_like(logits)
 
     def weighted_aux_loss(self) -> Tensor:
+        if not self.aux_losses:  # last forward ran with neither gradients nor statistics
+            return self.gate.weight.new_zeros(())
         return self.lb_weight * self.aux_losses["load_balance"] + self.z_weight * self.aux_losses["z_loss"]
 
 
