@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lit_moe.errors import ConfigError
+from lit_moe.model import Transformer
 from lit_moe.moe.router import Router
 from lit_moe.tokenizer import eot_id
 
@@ -227,19 +228,19 @@ class LitMoELM(TemplateLM):
                         desc="lit_moe loglikelihood", disable=disable_tqdm)
         for batch in self._batches(rows):
             length = len(batch[0].tokens)
-            idx = torch.zeros(len(batch), length, dtype=torch.long)
             packed = any(len(row.targets) > 1 for row in batch)
             # Right padding: invisible to real positions under causal attention (or the mask,
             # where padding attends only to itself) and per-token routing.
-            positions = torch.zeros(len(batch), length, dtype=torch.long) if packed else None
-            mask = torch.eye(length, dtype=torch.bool).repeat(len(batch), 1, 1) if packed else None
+            idx = torch.tensor([row.tokens + [0] * (length - len(row.tokens)) for row in batch])
+            positions = mask = None
+            if packed:
+                positions = torch.tensor([row.positions + [0] * (length - len(row.tokens)) for row in batch])
+                mask = torch.eye(length, dtype=torch.bool).repeat(len(batch), 1, 1)
+                for b, row in enumerate(batch):
+                    n = len(row.tokens)
+                    mask[b, :n, :n] = row.mask()
             rows_at, at, wanted = [], [], []
             for b, row in enumerate(batch):
-                n = len(row.tokens)
-                idx[b, :n] = torch.tensor(row.tokens)
-                if packed:
-                    positions[b, :n] = torch.tensor(row.positions)
-                    mask[b, :n, :n] = row.mask()
                 for target, scored_at in zip(row.targets, row.scored_at):
                     rows_at += [b] * len(target)
                     at += scored_at
@@ -247,16 +248,21 @@ class LitMoELM(TemplateLM):
             logits = self._logits_at(idx.to(self._device), rows_at, at,
                                      None if positions is None else positions.to(self._device),
                                      None if mask is None else mask.to(self._device))
-            logprobs = logits.log_softmax(-1)
-            wanted_t = torch.tensor(wanted, device=logprobs.device)
-            token_logprob = logprobs.gather(1, wanted_t[:, None]).squeeze(1).double().cpu()
-            greedy = (logprobs.argmax(-1) == wanted_t).cpu()
-            offset = 0
+            wanted_t = torch.tensor(wanted, device=logits.device)
+            # log-softmax at the wanted token only: logit − logsumexp (no [n, vocab] output).
+            token_logprob = (logits.gather(1, wanted_t[:, None]).squeeze(1) - logits.logsumexp(-1)).double()
+            missed = (logits.argmax(-1) != wanted_t).double()
+            # Per continuation: sum of its tokens' log-probs, and whether none was missed.
+            lengths = torch.tensor([len(target) for row in batch for target in row.targets], device=logits.device)
+            owner = torch.repeat_interleave(torch.arange(len(lengths), device=logits.device), lengths)
+            sums = torch.zeros(len(lengths), dtype=torch.float64, device=logits.device)
+            totals = sums.index_add(0, owner, token_logprob).tolist()
+            misses = sums.index_add(0, owner, missed).tolist()
+            scored = iter(zip(totals, misses))
             for row in batch:
                 for target in row.targets:
-                    n = len(target)
-                    result = (float(token_logprob[offset:offset + n].sum()), bool(greedy[offset:offset + n].all()))
-                    offset += n
+                    total, miss = next(scored)
+                    result = (total, miss == 0)
                     same_request = groups[row.context][target]
                     for i in same_request:
                         results[i] = result
@@ -294,21 +300,16 @@ class LitMoELM(TemplateLM):
         """Logits [len(rows), vocab] at the given (row, index) pairs of idx [B, S]; the
         optional token_positions / attn_mask go to the model (packed rows).
 
-        The model's own forward, with the final norm's output cut to the scored positions by
-        a forward hook, so the output head runs only there: the head is ~40% of the tiny
-        model's FLOPs and its [B, S, vocab] fp32 output the largest tensor, while a choice
-        scores a handful of positions. Models without that layout get a plain forward.
+        lit-moe's Transformer computes them there only (`select`: the last block's queries and
+        MLP and the output head run at the scored positions: the head alone is ~40% of the
+        tiny model's FLOPs, while a choice scores a handful of positions). Other models get a
+        plain forward.
         """
-        norm = getattr(self.model, "norm", None)
-        if isinstance(norm, nn.Module) and hasattr(self.model, "lm_head"):
-            cut = norm.register_forward_hook(lambda module, args, out: out[rows, positions])
-            try:
-                logits = self.model(idx, token_positions, attn_mask)
-            finally:
-                cut.remove()
-            if logits.shape[:-1] == (len(rows),):
-                return logits[:, :self.vocab_size]
-        return self.model(idx, token_positions, attn_mask)[rows, positions, :self.vocab_size]
+        rows_t = torch.tensor(rows, device=idx.device)
+        at_t = torch.tensor(positions, device=idx.device)
+        if isinstance(self.model, Transformer):
+            return self.model(idx, token_positions, attn_mask, select=(rows_t, at_t))[:, :self.vocab_size]
+        return self.model(idx, token_positions, attn_mask)[rows_t, at_t, :self.vocab_size]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each whole string, scored in disjoint windows of seq_len."""

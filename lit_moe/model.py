@@ -109,22 +109,35 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.seq_len, cfg.rope_theta)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None,
+                query_index: Tensor | None = None) -> Tensor:
         """x: [B, S, d]. positions [B, S] and attn_mask [B, S, S] (True = may attend) replace
-        0..S−1 and the causal mask, e.g. for several continuations packed after one context."""
+        0..S−1 and the causal mask, e.g. for several continuations packed after one context.
+
+        query_index [B, m]: compute the output only at these positions of each row (keys and
+        values still come from all of them) → [B, m, d] instead of [B, S, d].
+        """
         batch, seq, dim = x.shape
-        qkv = self.qkv(x).view(batch, seq, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
+        head_dim = dim // self.n_heads
+        qkv = self.qkv(x).view(batch, seq, 3, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rope(qkv[:2], positions)  # q and k in one pass
         v = qkv[2]
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # [B, S, S] or [B, 1, S, S]; bool (True = may attend) or additive float
+        if attn_mask is not None:  # [B, S, S] or [B, 1, S, S]; bool (True = may attend) or additive float
             if attn_mask.dim() == 3:
                 attn_mask = attn_mask[:, None]
             if attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:  # e.g. under autocast
                 attn_mask = attn_mask.to(q.dtype)
+        if query_index is not None:
+            q = q.gather(2, query_index[:, None, :, None].expand(-1, self.n_heads, -1, head_dim))
+            if attn_mask is None:  # causal: query i sees keys 0..i
+                attn_mask = (torch.arange(seq, device=x.device) <= query_index[..., None]).unsqueeze(1)
+            else:
+                attn_mask = attn_mask.gather(2, query_index[:, None, :, None].expand(-1, 1, -1, seq))
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
+        return self.proj(y.transpose(1, 2).reshape(batch, q.shape[2], dim))
 
 
 class Block(nn.Module):
@@ -157,10 +170,36 @@ class Block(nn.Module):
         return out
 
     def _forward(self, x: Tensor, k: Tensor | None, positions: Tensor | None = None,
-                 attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, attn_mask)
+                 attn_mask: Tensor | None = None, query_index: Tensor | None = None) -> Tensor:
+        attn_out = self.attn(self.attn_norm(x), positions, attn_mask, query_index)
+        if query_index is not None:  # continue with the queried positions only
+            x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
+        x = x + attn_out
         mlp_in = self.mlp_norm(x)
         return x + (self.mlp(mlp_in, k) if isinstance(self.mlp, MoELayer) else self.mlp(mlp_in))
+
+    def forward_at(self, x: Tensor, query_index: Tensor, k: Tensor | None = None, positions: Tensor | None = None,
+                   attn_mask: Tensor | None = None) -> Tensor:
+        """The block's output [B, m, d] at positions query_index [B, m] only (see
+        `Transformer.forward`'s `select`): attention reads every position, but queries, the
+        projection and the MLP run only where asked."""
+        return self._forward(x, k, positions, attn_mask, query_index)
+
+
+def _query_slots(rows: Tensor, index: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """(row, position) pairs → query_index [batch, m] holding each row's positions (padded
+    with position 0, which every mask lets see itself; padded outputs are dropped), and
+    slot [n]: where pair j sits in its row's list."""
+    rows, index = rows.long(), index.long()
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=batch)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(rows)
+    slot[order] = torch.arange(len(rows), device=rows.device) - starts[rows[order]]
+    width = max(int(counts.max()), 1) if len(rows) else 1
+    query_index = torch.zeros(batch, width, dtype=torch.long, device=rows.device)
+    query_index[rows, slot] = index
+    return query_index, slot
 
 
 class Transformer(nn.Module):
@@ -224,13 +263,19 @@ class Transformer(nn.Module):
             if isinstance(block.mlp, DenseSwiGLU):
                 nn.init.normal_(block.mlp.down.weight, std=out_std)
 
-    def forward(self, idx: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None,
+                select: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """idx: [B, S] token ids → logits [B, S, vocab] (fp32 for a stable cross-entropy).
 
         positions [B, S] and attn_mask [B, S, S] (bool, True = may attend) are for packed
         rows, e.g. evaluation scoring several continuations after one shared context: each
         continuation token sees the context and its own earlier tokens, at the positions it
         would have alone. Positions must stay below seq_len; the row itself may be longer.
+
+        select: (rows [n], index [n]) → logits [n, vocab] at those (row, position) pairs only,
+        equal to the full forward's there. Scoring wants a few positions per row: the last
+        block then runs queries, projection and MLP only there (its keys and values still
+        cover every position), and the output head only at the n positions.
         """
         if positions is None and idx.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's seq_len {self.cfg.seq_len}.")
@@ -242,9 +287,15 @@ class Transformer(nn.Module):
                 attn_mask.logical_not(), float("-inf")).unsqueeze(1)
         # One budget evaluation per forward; MoE block j gets k_j (gradient reaches η).
         layer_k = iter(self.budget.k()) if self.budget is not None else None
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
             k = next(layer_k) if layer_k is not None and isinstance(block.mlp, MoELayer) else None
-            x = block(x, k, positions, attn_mask)
+            if select is not None and i == last:
+                query_index, slot = _query_slots(*select, batch=idx.shape[0])
+                x = block.forward_at(x, query_index, k, positions, attn_mask)
+                x = x[select[0], slot]  # [n, d] in the order asked
+            else:
+                x = block(x, k, positions, attn_mask)
         return self.lm_head(self.norm(x)).float()
 
     # -- interface for the LightningModule and callbacks ---------------------------------

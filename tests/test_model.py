@@ -147,3 +147,30 @@ def test_packed_row_equals_separate_rows():
     with torch.no_grad():
         causal = model(row, positions, (order[None, :] <= order[:, None])[None])[0]
     assert (causal[10:] - alone_second[7:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("router", ["top2", "soft"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_selected_positions_equal_the_full_forward(router, packed):
+    """`select=(rows, index)` (last block and head only at those pairs) returns the full
+    forward's logits there, in the order asked, with repeats, for causal and packed rows."""
+    torch.manual_seed(0)
+    overrides = {} if router == "top2" else {"router": {"class_path": "lit_moe.moe.SoftTopKRouter",
+                                                        "init_args": {"k": 1.5}}}
+    model = Transformer(small_config(n_dense_layers=0, **overrides)).eval()
+    batch, seq = 3, 12
+    idx = torch.randint(0, 64, (batch, seq))
+    positions = mask = None
+    if packed:  # rows: context of 5, then two continuations, each restarting at position 5
+        segment = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+        order = torch.arange(seq)
+        one = (order[None, :] <= order[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+        mask = one.repeat(batch, 1, 1)
+        positions = torch.cat([torch.arange(5), torch.arange(5, 8), torch.arange(5, 9)]).repeat(batch, 1)
+    rows = torch.tensor([2, 0, 0, 2, 1, 0, 2])
+    index = torch.tensor([11, 0, 7, 3, 5, 7, 11])  # unsorted, a repeat, row 1 has one pair
+    with torch.no_grad():
+        full = model(idx, positions, mask)
+        picked = model(idx, positions, mask, select=(rows, index))
+    assert picked.shape == (len(rows), 64)
+    torch.testing.assert_close(picked, full[rows, index], atol=1e-5, rtol=1e-5)
