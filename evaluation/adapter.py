@@ -12,6 +12,7 @@ continuation; only the last ``seq_len + 1`` tokens are kept (left truncation).
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,29 @@ def _batch_size(value: int | str | None) -> int:
     if size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {size}.")
     return size
+
+
+_ASCII_WHITESPACE = frozenset(" \t\n\r\x0b\x0c")
+
+
+def splits_at_whitespace(tokenizer: Tokenizer) -> bool:
+    """Whether encode(a + b) == encode(a) + encode(b) whenever a ends in a non-whitespace
+    character and b starts with ASCII whitespace.
+
+    True for byte-level BPE with GPT-2's pre-tokenizer regex and no normalizer (lit-moe's own
+    tokenizers): BPE merges stay inside pre-tokens, and no alternative of that regex
+    (contractions, ` ?letters`, ` ?digits`, ` ?other`, whitespace runs) can match a span that
+    starts before such a join and ends after it, nor does it look behind; added tokens
+    without whitespace cannot straddle it either. Anything else: False (encode both strings).
+    """
+    try:
+        config = json.loads(tokenizer.to_str())
+    except Exception:  # not serialisable: assume nothing
+        return False
+    pre = config.get("pre_tokenizer") or {}
+    return (config.get("normalizer") is None and (config.get("model") or {}).get("type") == "BPE"
+            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+            and not any(any(ch.isspace() for ch in tok.get("content", "")) for tok in config.get("added_tokens") or []))
 
 
 class PackedRow:
@@ -123,6 +147,7 @@ class LitMoELM(TemplateLM):
         # tokenizer's are never real tokens, so log-probabilities and greedy choices are
         # taken over the tokenizer's vocabulary only.
         self.vocab_size = min(tokenizer.get_vocab_size(), self.model.cfg.vocab_size)
+        self._splits_at_whitespace = splits_at_whitespace(tokenizer)
         self._encoded: tuple[list[tuple[str, str]], list[tuple[list[int], list[int]]]] | None = None
 
     # -- tokenizer ------------------------------------------------------------------------
@@ -152,8 +177,14 @@ class LitMoELM(TemplateLM):
         for context, continuation in pairs:
             stripped = context.rstrip()  # trailing whitespace goes with the continuation
             split.append((stripped, context[len(stripped):] + continuation) if context else ("", continuation))
-        strings = list(dict.fromkeys(s for context, continuation in split
-                                     for s in ((context, context + continuation) if context else (continuation,))))
+        # encode(context + continuation) is encode(context) + encode(continuation) where the
+        # tokenizer cannot merge across the join (`_splits_at_whitespace`); there the long
+        # context + continuation string need not be encoded at all.
+        apart = [bool(context) and self._splits_at_whitespace and continuation[:1] in _ASCII_WHITESPACE
+                 for context, continuation in split]
+        strings = list(dict.fromkeys(s for (context, continuation), alone in zip(split, apart)
+                                     for s in ((context, continuation) if alone else
+                                               (context, context + continuation) if context else (continuation,))))
         ids: dict[str, tuple[int, list[int]]] = {}  # string → (token count, last tokens)
         keep = self.max_length + 1
         for start in range(0, len(strings), 256):  # chunks: Encoding objects are large
@@ -161,7 +192,11 @@ class LitMoELM(TemplateLM):
             for string, enc in zip(chunk, self.tokenizer.encode_batch(chunk, add_special_tokens=False)):
                 ids[string] = (len(enc.ids), enc.ids[-keep:])
         out = []
-        for context, continuation in split:
+        for (context, continuation), alone in zip(split, apart):
+            if alone:
+                cont = ids[continuation][1]
+                out.append((ids[context][1], cont[-self.max_length:]))
+                continue
             if not context:
                 cont = ids[continuation][1][-self.max_length:]
                 out.append(([self.prefix_token_id], cont) if not cont or cont[0] != self.prefix_token_id

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import MLFlowLogger
@@ -268,7 +270,10 @@ def test_batched_loglikelihood_equals_one_by_one(module, tokenizer):
              # choices of different lengths after one context (packed into one row), a
              # duplicate, and choices after a context the window truncates differently
              ("The cat", " ran."), ("The cat", " sat on the mat."), ("The cat", " slept all day long, as cats do."),
-             (long_context, " Yes."), (long_context[:400], " a b c d e f g"), (long_context[:400], " no")]
+             (long_context, " Yes."), (long_context[:400], " a b c d e f g"), (long_context[:400], " no"),
+             # joins the whitespace shortcut must get right, and ones it must leave alone
+             ("It's", "  s"), ("don'", " t"), ("x", "\n\ny"), ("sum = 4", "2"), ("sum = 4", " 2"), ("café", " é!"),
+             ("Q?", "\t yes"), ("end.", " "), ("word", "word")]
     got = lm.loglikelihood(_instances(pairs))
     assert len({tuple(p) for p in pairs}) < len(pairs)  # the duplicate is there
     for pair, (ll, greedy) in zip(pairs, got):
@@ -279,6 +284,33 @@ def test_batched_loglikelihood_equals_one_by_one(module, tokenizer):
     for (context, continuation), (_, cont) in zip(pairs, lm.encode_pairs(pairs)):
         if context:
             assert cont == lm._encode_pair(context, continuation)[1]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(left=st.text(st.sampled_from(list("ab'sd1 .,?é\u00e9\u0301\n\t-")), min_size=1, max_size=12),
+       right=st.text(st.sampled_from(list("ab'sd1 .,?é\u0301\n\t-")), max_size=12),
+       space=st.sampled_from([" ", "  ", "\n", "\t", " \n", "\r\n"]))
+def test_byte_level_bpe_never_merges_across_a_whitespace_join(tokenizer, left, right, space):
+    """The adapter's tokenization shortcut: with lit-moe's byte-level BPE, a text ending in
+    non-whitespace followed by one starting with whitespace encodes as the two encodings."""
+    from evaluation.adapter import splits_at_whitespace
+
+    assert splits_at_whitespace(tokenizer)
+    left = left.rstrip() or "a"
+    both = tokenizer.encode(left + space + right, add_special_tokens=False).ids
+    apart = (tokenizer.encode(left, add_special_tokens=False).ids
+             + tokenizer.encode(space + right, add_special_tokens=False).ids)
+    assert both == apart
+
+
+def test_whitespace_join_shortcut_only_for_known_tokenizers(tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from evaluation.adapter import splits_at_whitespace
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert splits_at_whitespace(tokenizer) and not splits_at_whitespace(other)
 
 
 def test_rolling_and_generation(module, tokenizer):
