@@ -119,16 +119,23 @@ class CausalSelfAttention(nn.Module):
         """
         batch, seq, dim = x.shape
         head_dim = dim // self.n_heads
-        qkv = self.qkv(x).view(batch, seq, 3, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rope(qkv[:2], positions)  # q and k in one pass
-        v = qkv[2]
+        if query_index is None:
+            qkv = self.qkv(x).view(batch, seq, 3, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
+            q, k = self.rope(qkv[:2], positions)  # q and k in one pass
+            v = qkv[2]
+        else:  # keys and values everywhere, queries only at query_index
+            w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
+            k, v = F.linear(x, w_kv).view(batch, seq, 2, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
+            x_q = x.gather(1, query_index[..., None].expand(-1, -1, dim))
+            q = F.linear(x_q, w_q).view(batch, -1, self.n_heads, head_dim).transpose(1, 2)
+            q = self.rope(q, query_index if positions is None else positions.gather(1, query_index))
+            k = self.rope(k, positions)
         if attn_mask is not None:  # [B, S, S] or [B, 1, S, S]; bool (True = may attend) or additive float
             if attn_mask.dim() == 3:
                 attn_mask = attn_mask[:, None]
             if attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:  # e.g. under autocast
                 attn_mask = attn_mask.to(q.dtype)
         if query_index is not None:
-            q = q.gather(2, query_index[:, None, :, None].expand(-1, self.n_heads, -1, head_dim))
             if attn_mask is None:  # causal: query i sees keys 0..i
                 attn_mask = (torch.arange(seq, device=x.device) <= query_index[..., None]).unsqueeze(1)
             else:
