@@ -203,7 +203,7 @@ def _query_slots(rows: Tensor, index: Tensor, batch: int) -> tuple[Tensor, Tenso
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.empty_like(rows)
     slot[order] = torch.arange(len(rows), device=rows.device) - starts[rows[order]]
-    width = max(int(counts.max()), 1) if len(rows) else 1
+    width = max(int(counts.max()), 1)  # counts has `batch` ≥ 1 entries even for no pairs
     query_index = torch.zeros(batch, width, dtype=torch.long, device=rows.device)
     query_index[rows, slot] = index
     return query_index, slot
