@@ -28,21 +28,17 @@ class SortedDispatch(Dispatch):
 
     1. the non-zero (token, expert) pairs, taken from weightsᵀ so they come out already
        grouped by expert (no separate sort);
-    2. gather their inputs and run each expert's group as one matmul chain
-       (`Experts.forward`: split loop on CPU, `torch._grouped_mm` on CUDA/bf16);
-    3. scale by the pair's weight and scatter-add back to tokens.
+    2. `Experts.combine`: gather their inputs, run each expert's group as one matmul chain
+       (`torch._grouped_mm` on CUDA/bf16; on CPU fp32 SwiGLU experts run side by side on
+       worker threads, `cpu_parallel`), scale by the pair's weight and scatter-add back.
     """
 
     def forward(self, x: Tensor, weights: Tensor, experts: Experts, confidence: Tensor | None = None) -> Tensor:
         expert_idx, token_idx = weights.t().nonzero(as_tuple=True)
         counts = torch.bincount(expert_idx, minlength=weights.shape[1])
         pair_weight = weights[token_idx, expert_idx]
-        if confidence is None:
-            y = experts(x[token_idx], counts)
-        else:
-            y = experts(x[token_idx], counts, confidence=confidence[token_idx, expert_idx])
-        y = y * pair_weight.unsqueeze(1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token_idx, y.to(x.dtype))
+        pair_confidence = None if confidence is None else confidence[token_idx, expert_idx]
+        return experts.combine(x, token_idx, counts, pair_weight, pair_confidence)
 
 
 class LoopDispatch(Dispatch):

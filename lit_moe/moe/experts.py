@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_moe.moe.grouped_matmul import grouped_matmul, supports_grouped_matmul
+
 
 def _use_grouped_mm(x: Tensor, hidden: int) -> bool:
     """Whether `torch._grouped_mm` can run this input.
@@ -47,6 +49,19 @@ class Experts(nn.Module):
     def expert_forward(self, e: int, x: Tensor, confidence: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
+    def combine(self, x: Tensor, token_idx: Tensor, counts: Tensor, pair_weight: Tensor,
+                confidence: Tensor | None = None) -> Tensor:
+        """y [T, d]: each token's sum of pair_weight · expert(x[token]) over its pairs.
+
+        token_idx [N] and pair_weight [N]: the (token, expert) pairs grouped by expert (counts
+        [E] per expert); confidence [N] in the same order for experts that take one. This
+        generic path gathers, runs `forward` and scatter-adds; banks may fuse it.
+        """
+        x_sorted = x[token_idx]
+        y = self(x_sorted, counts) if confidence is None else self(x_sorted, counts, confidence=confidence)
+        y = y * pair_weight.unsqueeze(1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token_idx, y.to(x.dtype))
+
 
 class SwiGLUExperts(Experts):
     """Expert_e(x) = W_down,e (SiLU(W_gate,e x) ⊙ W_up,e x), weights [E, d, h] and [E, h, d].
@@ -75,6 +90,34 @@ class SwiGLUExperts(Experts):
 
     def expert_forward(self, e: int, x: Tensor, confidence: Tensor | None = None) -> Tensor:
         return (self.activation(x @ self.w_gate[e], confidence, e) * (x @ self.w_up[e])) @ self.w_down[e]
+
+    # CPU fp32/fp64 fast path of `combine` (`grouped_matmul`: gather fused into the gate/up
+    # matmuls, per-expert weight gradients written in place). False: the generic path.
+    parallel_cpu: bool = True
+
+    def pair_activation_input(self, confidence: Tensor, counts: Tensor) -> Tensor:
+        """The pairs' confidence [N] as `activation` takes it (subclasses rescale it)."""
+        return confidence
+
+    def combine(self, x: Tensor, token_idx: Tensor, counts: Tensor, pair_weight: Tensor,
+                confidence: Tensor | None = None) -> Tensor:
+        if not (self.parallel_cpu and supports_grouped_matmul(x, self.w_gate, self.w_up, self.w_down)):
+            return super().combine(x, token_idx, counts, pair_weight, confidence)
+        expert = None
+        if confidence is not None:
+            confidence = self.pair_activation_input(confidence, counts)
+            expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
+                                             output_size=token_idx.shape[0])
+        gate, up = grouped_matmul(x, (self.w_gate, self.w_up), counts, index=token_idx)
+        hidden = self.activation(gate, confidence, expert) * up
+        weight = pair_weight.unsqueeze(1).to(up.dtype)
+        # The pair weight scales whichever of the [N, h] product and the [N, d] output is smaller.
+        if hidden.shape[1] <= x.shape[1]:
+            (y,) = grouped_matmul(hidden * weight, (self.w_down,), counts)
+        else:
+            (y,) = grouped_matmul(hidden, (self.w_down,), counts)
+            y = y * weight
+        return torch.zeros_like(x).index_add_(0, token_idx, y)
 
     def forward(self, x_sorted: Tensor, counts: Tensor, confidence: Tensor | None = None) -> Tensor:
         if _use_grouped_mm(x_sorted, self.w_gate.shape[-1]):

@@ -153,13 +153,15 @@ class KappaSwiGLUExperts(SwiGLUExperts):
     def expert_forward(self, e: int, x: Tensor, confidence: Tensor | None = None) -> Tensor:
         return super().expert_forward(e, x, None if confidence is None else self.pair_confidence(confidence))
 
+    def pair_activation_input(self, confidence: Tensor, counts: Tensor) -> Tensor:
+        s = self.pair_confidence(confidence)
+        self._record_stats(s, counts)
+        return s
+
     def forward(self, x_sorted: Tensor, counts: Tensor, confidence: Tensor | None = None) -> Tensor:
         if confidence is None:
             raise ValueError(f"{type(self).__name__} needs each pair's confidence (the MoE layer passes it).")
-        s = self.pair_confidence(confidence)
-        y = super().forward(x_sorted, counts, s)
-        self._record_stats(s, counts)
-        return y
+        return super().forward(x_sorted, counts, self.pair_activation_input(confidence, counts))
 
     @torch.no_grad()
     def _record_stats(self, s: Tensor, counts: Tensor) -> None:
