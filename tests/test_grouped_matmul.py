@@ -57,3 +57,29 @@ def test_fast_path_is_only_taken_for_plain_cpu_float_tensors():
     assert not supports_grouped_matmul(x, w.double())  # mixed dtypes go the generic way
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not supports_grouped_matmul(x, w)
+
+
+def test_weight_gradient_memory_is_reused_only_once_nothing_holds_it():
+    torch.manual_seed(2)
+    counts = torch.tensor([3, 2])
+    x = torch.randn(5, 4)
+    w = torch.nn.Parameter(torch.randn(2, 4, 3))
+
+    def backward():
+        (out,) = grouped_matmul(x, (w,), counts)
+        (out * torch.arange(3.0)).sum().backward()
+
+    backward()
+    first = w.grad.data_ptr()
+    expected = w.grad.clone()
+    w.grad = None  # what optimizer.zero_grad(set_to_none=True) does
+    backward()
+    assert w.grad.data_ptr() == first  # same memory, handed out again
+    torch.testing.assert_close(w.grad, expected)
+    kept = w.grad  # a reference someone keeps: its values must not be overwritten
+    w.grad = None
+    backward()
+    assert w.grad.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(kept, expected)
+    backward()  # accumulation into an existing .grad (micro-batches) stays correct
+    torch.testing.assert_close(w.grad, 2 * expected)
