@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from lit_moe.cpu_memory import retain_freed_memory
 from lit_moe.moe.experts import DenseSwiGLU
 from lit_moe.moe.layer import MoELayer
 
@@ -45,7 +46,11 @@ def main() -> None:
     parser.add_argument("--d_model", type=int, default=512)
     parser.add_argument("--pairs", type=int, default=30, help="alternating (MoE, dense) step pairs")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--system_malloc", action="store_true",
+                        help="leave glibc malloc as it is (LitMoE on CPU retains freed memory by default)")
     args = parser.parse_args()
+    # As LitMoE does for a CPU run unless model.retain_cpu_memory is false (lit_moe.cpu_memory).
+    retained = False if args.system_malloc else retain_freed_memory(True)
     torch.set_flush_denormal(True)  # as LitMoE does on CPU
     torch.manual_seed(0)
     for num_experts, hidden, top_k in [(8, 1024, 2), (64, 256, 2)]:
@@ -68,7 +73,8 @@ def main() -> None:
                           "dense_ms": round(statistics.median(dense_ms), 2),
                           "ratio": round(statistics.median(ratios), 3),
                           "ratio_of_minima": round(min(moe_ms) / min(dense_ms), 3),
-                          "pairs": args.pairs, "threads": torch.get_num_threads()}), flush=True)
+                          "pairs": args.pairs, "threads": torch.get_num_threads(),
+                          "malloc": "retained" if retained else "system"}), flush=True)
 
 
 if __name__ == "__main__":

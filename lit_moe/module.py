@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from lit_moe.cpu_memory import retain_freed_memory
 from lit_moe.errors import ConfigError, NonFiniteLossError
 from lit_moe.model import ModelConfig, Transformer
 from lit_moe.rng import rng_state, set_rng_state
@@ -101,6 +102,9 @@ class LitMoE(L.LightningModule):
             and count it (`train/skipped_steps`). Checking costs one host sync per step.
         activation_checkpointing: recompute each Transformer block's activations in backward
             instead of storing them (less memory, about one more forward of compute).
+        retain_cpu_memory: on CPU, keep freed heap memory in glibc for the next step instead of
+            unmapping it (`lit_moe.cpu_memory`: large tensors otherwise page-fault in afresh
+            every step). Process-wide while the run lasts; false leaves malloc alone.
 
     Under `ModelParallelStrategy` (e.g. `lit_moe.distributed.FSDP2Strategy`) `configure_model`
     shards the model with FSDP2, block by block.
@@ -109,7 +113,8 @@ class LitMoE(L.LightningModule):
     def __init__(self, config: ModelConfig = ModelConfig(), lr: float = 3e-3,  # noqa: B008 (copied below)
                  min_lr_ratio: float = 0.1, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, schedule: Schedule = "cosine", decay_fraction: float = 0.2,
-                 nan_policy: NanPolicy = "stop", activation_checkpointing: bool = False):
+                 nan_policy: NanPolicy = "stop", activation_checkpointing: bool = False,
+                 retain_cpu_memory: bool = True):
         super().__init__()
         # A dict comes from a checkpoint's hyperparameters; copy so instances never share state.
         config = ModelConfig(**config) if isinstance(config, dict) else copy.deepcopy(config)
@@ -144,6 +149,9 @@ class LitMoE(L.LightningModule):
             # into denormal floats, which CPUs process ~10× slower: measured 1.5 s → 11 s per
             # tiny step after a few steps. Flushing them to zero costs nothing in accuracy.
             torch.set_flush_denormal(True)
+            # Freed large blocks stay in glibc's heap for the next step instead of being
+            # unmapped and page-faulted in again (`lit_moe.cpu_memory`).
+            self._retaining_cpu_memory = self.hparams.retain_cpu_memory and retain_freed_memory(True)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.tokenizer_json is None and datamodule is not None and hasattr(datamodule, "tokenizer_json"):
             self.tokenizer_json = datamodule.tokenizer_json
@@ -159,6 +167,9 @@ class LitMoE(L.LightningModule):
     def teardown(self, stage: str) -> None:
         # Flushing denormals is process-global state; give it back when this run is done.
         torch.set_flush_denormal(False)
+        if getattr(self, "_retaining_cpu_memory", False):
+            retain_freed_memory(False)
+            self._retaining_cpu_memory = False
 
     def _check_strategy(self, strategy: Any) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
