@@ -9,9 +9,10 @@ off and raising its trim threshold makes freed blocks stay in the heap for the n
 the way PyTorch's CUDA caching allocator keeps GPU memory. The price: the process keeps its
 high-water mark of heap memory (the tiny fit's peak RSS is unchanged, see benchmarks/).
 
-It is process-wide state, so `LitMoE` sets it for a CPU run in `setup` and puts glibc's
-defaults back in `teardown` (like flushing denormals); `model.retain_cpu_memory: false` in
-a config leaves malloc alone. Elsewhere than glibc (macOS, musl) it does nothing.
+It is process-wide state, so it is held only while work runs: `LitMoE` from `setup` to
+`teardown` of a CPU run (like flushing denormals; `model.retain_cpu_memory: false` leaves
+malloc alone), the lm-eval adapter while it scores. Nested holders count: glibc's defaults
+come back when the last one lets go. Elsewhere than glibc (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 # mallopt parameters (malloc.h) and glibc's defaults for them.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -40,7 +44,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def retain_freed_memory(enable: bool = True) -> bool:
-    """Keep (True) or return (False: glibc's defaults) freed heap memory; whether it applied."""
+    """Keep (True) or return (False: glibc's defaults) freed heap memory; whether it applied.
+    Unscoped: prefer `retaining_freed_memory`, which restores the defaults afterwards."""
     libc = _glibc()
     if libc is None:
         return False
@@ -48,4 +53,28 @@ def retain_freed_memory(enable: bool = True) -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim))
 
 
-__all__ = ["retain_freed_memory"]
+_holders = 0
+_holders_lock = threading.Lock()
+
+
+@contextmanager
+def retaining_freed_memory(enabled: bool = True) -> Iterator[bool]:
+    """Retain freed memory while the block runs (yields whether it does); no-op if not enabled."""
+    global _holders
+    if not enabled or _glibc() is None:
+        yield False
+        return
+    with _holders_lock:
+        if _holders == 0:
+            retain_freed_memory(True)
+        _holders += 1
+    try:
+        yield True
+    finally:
+        with _holders_lock:
+            _holders -= 1
+            if _holders == 0:
+                retain_freed_memory(False)
+
+
+__all__ = ["retain_freed_memory", "retaining_freed_memory"]

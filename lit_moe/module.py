@@ -7,6 +7,7 @@ tokenizer JSON, so `load_checkpoint` rebuilds model and tokenizer from the file 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lit_moe.cpu_memory import retain_freed_memory
+from lit_moe.cpu_memory import retaining_freed_memory
 from lit_moe.errors import ConfigError, NonFiniteLossError
 from lit_moe.model import ModelConfig, Transformer
 from lit_moe.rng import rng_state, set_rng_state
@@ -140,6 +141,7 @@ class LitMoE(L.LightningModule):
         self.val_ppl = Perplexity()
         self.tokenizer_json: str | None = None
         self._step_started: float | None = None
+        self._cpu_memory: contextlib.ExitStack | None = None  # holds `retaining_freed_memory` during a CPU run
 
     # -- data / checkpoint plumbing ---------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -151,7 +153,9 @@ class LitMoE(L.LightningModule):
             torch.set_flush_denormal(True)
             # Freed large blocks stay in glibc's heap for the next step instead of being
             # unmapped and page-faulted in again (`lit_moe.cpu_memory`).
-            self._retaining_cpu_memory = self.hparams.retain_cpu_memory and retain_freed_memory(True)
+            if self._cpu_memory is None:
+                self._cpu_memory = contextlib.ExitStack()
+                self._cpu_memory.enter_context(retaining_freed_memory(self.hparams.retain_cpu_memory))
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.tokenizer_json is None and datamodule is not None and hasattr(datamodule, "tokenizer_json"):
             self.tokenizer_json = datamodule.tokenizer_json
@@ -167,9 +171,9 @@ class LitMoE(L.LightningModule):
     def teardown(self, stage: str) -> None:
         # Flushing denormals is process-global state; give it back when this run is done.
         torch.set_flush_denormal(False)
-        if getattr(self, "_retaining_cpu_memory", False):
-            retain_freed_memory(False)
-            self._retaining_cpu_memory = False
+        if self._cpu_memory is not None:
+            self._cpu_memory.close()
+            self._cpu_memory = None
 
     def _check_strategy(self, strategy: Any) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
