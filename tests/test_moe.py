@@ -32,30 +32,39 @@ def _assert_same(fast, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fused_cpu", [True, False], ids=["grouped_matmul", "generic"])
+def _cpu_path(experts, path):
+    """grouped_matmul: the CPU fast path of `SwiGLUExperts.combine`; generic: gather +
+    `forward` (the grouped kernel) + scatter."""
+    experts.cpu_grouped_matmul = path == "grouped_matmul"
+
+
+CPU_PATHS = pytest.mark.parametrize("path", ["grouped_matmul", "generic"])
+
+
+@CPU_PATHS
 @settings(max_examples=25, deadline=None)
 @given(tokens=st.integers(0, 40), num_experts=st.integers(1, 9), density=st.floats(0.0, 1.0),
        seed=st.integers(0, 2**16))
-def test_dispatch_matches_reference_on_arbitrary_sparse_weights(fused_cpu, tokens, num_experts, density, seed):
+def test_dispatch_matches_reference_on_arbitrary_sparse_weights(path, tokens, num_experts, density, seed):
     """Any number of experts per token (0..E), idle experts, empty batches: fast == loop,
-    for the CPU grouped-matmul combine and for the generic gather / grouped kernel path."""
+    on each CPU path of `SwiGLUExperts.combine`."""
     gen = torch.Generator().manual_seed(seed)
     # d=8, h=4: 16-byte aligned, so the grouped kernel runs (6/5 would take the split loop).
     experts = SwiGLUExperts(8, 4, num_experts)
-    experts.parallel_cpu = fused_cpu
+    _cpu_path(experts, path)
     x = torch.randn(tokens, 8, generator=gen)
     mask = torch.rand(tokens, num_experts, generator=gen) < density
     weights = torch.rand(tokens, num_experts, generator=gen) * mask
     _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))
 
 
-@pytest.mark.parametrize("fused_cpu", [True, False], ids=["grouped_matmul", "generic"])
+@CPU_PATHS
 @pytest.mark.parametrize("num_experts,top_k", [(8, 2), (64, 2), (4, 4), (5, 1)])
-def test_dispatch_matches_reference_for_topk_routing(num_experts, top_k, fused_cpu):
+def test_dispatch_matches_reference_for_topk_routing(num_experts, top_k, path):
     torch.manual_seed(0)
     router = TopKRouter(16, num_experts, top_k=top_k)
     experts = SwiGLUExperts(16, 12, num_experts)
-    experts.parallel_cpu = fused_cpu
+    _cpu_path(experts, path)
     x = torch.randn(300, 16)
     weights = router(x).detach()
     assert torch.equal((weights > 0).sum(1), torch.full((300,), top_k))
@@ -69,7 +78,7 @@ def test_dispatch_split_loop_path_matches_reference(monkeypatch):
     monkeypatch.setattr(experts_module, "_use_grouped_mm", lambda x, hidden: False)
     torch.manual_seed(1)
     experts = SwiGLUExperts(8, 6, 5)
-    experts.parallel_cpu = False
+    experts.cpu_grouped_matmul = False
     x = torch.randn(50, 8)
     weights = torch.rand(50, 5) * (torch.rand(50, 5) < 0.4)
     _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))

@@ -29,8 +29,9 @@ class SortedDispatch(Dispatch):
     1. the non-zero (token, expert) pairs, taken from weightsᵀ so they come out already
        grouped by expert (no separate sort);
     2. `Experts.combine`: gather their inputs, run each expert's group as one matmul chain
-       (`torch._grouped_mm` on CUDA/bf16; on CPU fp32 SwiGLU experts run side by side on
-       worker threads, `cpu_parallel`), scale by the pair's weight and scatter-add back.
+       (`torch._grouped_mm` on CUDA/bf16; on CPU in fp32 SwiGLU experts use
+       `moe.grouped_matmul`, with the gather fused in), scale by the pair's weight and
+       scatter-add back to tokens.
     """
 
     def forward(self, x: Tensor, weights: Tensor, experts: Experts, confidence: Tensor | None = None) -> Tensor:

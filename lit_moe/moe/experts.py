@@ -15,7 +15,8 @@ def _use_grouped_mm(x: Tensor, hidden: int) -> bool:
 
     CUDA: the fused kernel needs bf16 on compute capability ≥ 9.0 (Hopper and later).
     CPU: recent torch ships a grouped fallback that, measured on 2 cores, runs about twice as
-    fast as a Python loop of per-expert matmuls (E=64), so it is used when present.
+    fast as a Python loop of per-expert matmuls (E=64), so it is used when present (on CPU
+    `combine` takes `grouped_matmul` for fp32 instead; this serves bf16 and the generic path).
     The kernel also needs 16-byte-aligned row strides (d and h multiples of 16 / itemsize).
     Anything else takes the split loop, which supports every dtype and device.
     """
@@ -93,7 +94,7 @@ class SwiGLUExperts(Experts):
 
     # CPU fp32/fp64 fast path of `combine` (`grouped_matmul`: gather fused into the gate/up
     # matmuls, per-expert weight gradients written in place). False: the generic path.
-    parallel_cpu: bool = True
+    cpu_grouped_matmul: bool = True
 
     def pair_activation_input(self, confidence: Tensor, counts: Tensor) -> Tensor:
         """The pairs' confidence [N] as `activation` takes it (subclasses rescale it)."""
@@ -101,7 +102,7 @@ class SwiGLUExperts(Experts):
 
     def combine(self, x: Tensor, token_idx: Tensor, counts: Tensor, pair_weight: Tensor,
                 confidence: Tensor | None = None) -> Tensor:
-        if not (self.parallel_cpu and supports_grouped_matmul(x, self.w_gate, self.w_up, self.w_down)):
+        if not (self.cpu_grouped_matmul and supports_grouped_matmul(x, self.w_gate, self.w_up, self.w_down)):
             return super().combine(x, token_idx, counts, pair_weight, confidence)
         expert = None
         if confidence is not None:
