@@ -103,9 +103,10 @@ class LitMoE(L.LightningModule):
             and count it (`train/skipped_steps`). Checking costs one host sync per step.
         activation_checkpointing: recompute each Transformer block's activations in backward
             instead of storing them (less memory, about one more forward of compute).
-        retain_cpu_memory: on CPU, keep freed heap memory in glibc for the next step instead of
-            unmapping it (`lit_moe.cpu_memory`: large tensors otherwise page-fault in afresh
-            every step). Process-wide while the run lasts; false leaves malloc alone.
+        retain_cpu_memory: in a single-process CPU run, keep freed heap memory in glibc for the
+            next step instead of unmapping it (`lit_moe.cpu_memory`: large tensors otherwise
+            page-fault in afresh every step). Process-wide while the run lasts; false leaves
+            malloc alone, as multi-process runs always do.
 
     Under `ModelParallelStrategy` (e.g. `lit_moe.distributed.FSDP2Strategy`) `configure_model`
     shards the model with FSDP2, block by block.
@@ -152,8 +153,10 @@ class LitMoE(L.LightningModule):
             # tiny step after a few steps. Flushing them to zero costs nothing in accuracy.
             torch.set_flush_denormal(True)
             # Freed large blocks stay in glibc's heap for the next step instead of being
-            # unmapped and page-faulted in again (`lit_moe.cpu_memory`).
-            if self._cpu_memory is None:
+            # unmapped and page-faulted in again (`lit_moe.cpu_memory`). Single-process runs
+            # only: sharded ranks (FSDP2 over gloo) need freed blocks returned, or their many
+            # short-lived collective buffers fragment the heap (benchmarks/fsdp_memory.py).
+            if self._cpu_memory is None and self.trainer.world_size == 1:
                 self._cpu_memory = contextlib.ExitStack()
                 self._cpu_memory.enter_context(retaining_freed_memory(self.hparams.retain_cpu_memory))
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -41,6 +41,10 @@ class _GradientStorage:
         self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def empty_like(self, weight: Tensor) -> Tensor:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Sharded training (FSDP2 gathers, then frees, each block's full weights and
+            # gradients) must not have full-size gradients kept alive here.
+            return torch.empty_like(weight, memory_format=torch.contiguous_format)
         storage = self._storages.get(weight)
         if (_storage_use_count is not None and storage is not None and _storage_use_count(storage._cdata) == 1
                 and storage.nbytes() == weight.numel() * weight.element_size()):
