@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_moe.moe.grouped_matmul import grouped_matmul, supports_grouped_matmul
+from lit_moe.moe.grouped_matmul import _GRADIENT_STORAGE, grouped_matmul, supports_grouped_matmul
 
 
 def _reference(x, weights, counts, index):
@@ -83,3 +83,21 @@ def test_weight_gradient_memory_is_reused_only_once_nothing_holds_it():
     torch.testing.assert_close(kept, expected)
     backward()  # accumulation into an existing .grad (micro-batches) stays correct
     torch.testing.assert_close(w.grad, 2 * expected)
+
+
+def test_no_gradient_memory_is_kept_under_torch_distributed(tmp_path):
+    """Sharded ranks free each block's full gradients after reducing them: nothing is cached."""
+    import torch.distributed as dist
+
+    counts = torch.tensor([2, 1])
+    x = torch.randn(3, 4)
+    w = torch.nn.Parameter(torch.randn(2, 4, 2))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        for _ in range(2):
+            w.grad = None
+            grouped_matmul(x, (w,), counts)[0].sum().backward()
+        assert w not in _GRADIENT_STORAGE._storages
+        torch.testing.assert_close(w.grad, torch.stack([x[:2].sum(0), x[2]])[:, :, None].expand(2, 4, 2))
+    finally:
+        dist.destroy_process_group()
