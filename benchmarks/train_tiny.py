@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--system_malloc", action="store_true",
                         help="leave glibc malloc as it is (LitMoE on CPU retains freed memory by default)")
     args = parser.parse_args()
-    # As LitMoE does for a CPU run unless model.retain_cpu_memory is false (lit_moe.cpu_memory).
+    # As LitMoE does for a single-process CPU run unless model.retain_cpu_memory is false (lit_moe.cpu_memory).
     retained = False if args.system_malloc else retain_freed_memory(True)
     torch.set_flush_denormal(True)  # as LitMoE does on CPU
     torch.manual_seed(0)

@@ -109,14 +109,15 @@ class SwiGLUExperts(Experts):
             confidence = self.pair_activation_input(confidence, counts)
             expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
                                              output_size=token_idx.shape[0])
-        gate, up = grouped_matmul(x, (self.w_gate, self.w_up), counts, index=token_idx)
+        sizes = counts.tolist()
+        gate, up = grouped_matmul(x, (self.w_gate, self.w_up), sizes, index=token_idx)
         hidden = self.activation(gate, confidence, expert) * up
         weight = pair_weight.unsqueeze(1).to(up.dtype)
         # The pair weight scales whichever of the [N, h] product and the [N, d] output is smaller.
         if hidden.shape[1] <= x.shape[1]:
-            (y,) = grouped_matmul(hidden * weight, (self.w_down,), counts)
+            (y,) = grouped_matmul(hidden * weight, (self.w_down,), sizes)
         else:
-            (y,) = grouped_matmul(hidden, (self.w_down,), counts)
+            (y,) = grouped_matmul(hidden, (self.w_down,), sizes)
             y = y * weight
         return torch.zeros_like(x).index_add_(0, token_idx, y)
 

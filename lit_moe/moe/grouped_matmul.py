@@ -115,14 +115,16 @@ class GroupedMatmul(torch.autograd.Function):
         return d_x, None, None, *d_weights
 
 
-def grouped_matmul(x: Tensor, weights: tuple[Tensor, ...], counts: Tensor,
+def grouped_matmul(x: Tensor, weights: tuple[Tensor, ...], counts: Tensor | list[int],
                    index: Tensor | None = None) -> tuple[Tensor, ...]:
     """For each weight w [E, k, n]: out [N, n] whose rows of expert e are x_e @ w[e].
 
-    counts [E]: rows per expert, in order; x_e = x[index[rows of e]] when `index` [N] is
-    given (gather fused in), else x's own rows of e. Differentiable in x and the weights."""
+    counts [E]: rows per expert, in order (a tensor, or its `tolist()` when the caller makes
+    several calls: one host read instead of one per call); x_e = x[index[rows of e]] when
+    `index` [N] is given (gather fused in), else x's own rows of e. Differentiable in x and
+    the weights."""
     bounds = [0]
-    for count in counts.tolist():
+    for count in counts.tolist() if isinstance(counts, Tensor) else counts:
         bounds.append(bounds[-1] + count)
     return GroupedMatmul.apply(x, index, bounds, *weights)
 
