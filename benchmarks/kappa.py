@@ -1,7 +1,9 @@
 """Overhead of κ-SwiGLU experts vs plain SwiGLU experts on one MoE layer (forward + backward).
 
-Time: median of interleaved runs (plain, κ, plain, κ, ...) so machine noise hits both alike;
-the layer includes router, dispatch and aux loss, as in `benchmarks/moe_layer.py`.
+Time: the variants run in turn, step by step, in alternating order (plain, κ, κ, plain, ...):
+this host's speed drifts by ±30% within seconds, and neighbouring steps see the same machine.
+A ratio is the median of the per-round ratios κ/plain (as in `benchmarks/moe_layer.py`); the
+`*_ms` are medians. The layer includes router, dispatch and aux loss, as in `moe_layer.py`.
 Memory: bytes of the activations autograd saves for backward, summed through
 `torch.autograd.graph.saved_tensors_hooks` (each storage once, parameters excluded). That is
 deterministic, unlike allocator peaks on CPU; on CUDA the allocator's peak is printed too.
@@ -9,15 +11,17 @@ deterministic, unlike allocator peaks on CPU; on CUDA the allocator's peak is pr
 compile time is excluded by the warm-up). Prints one JSON line per config with the ratios
 κ/plain (target ≤ 1.05 for time and memory).
 
-    python benchmarks/kappa.py [--tokens 4096] [--repeats 10] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python benchmarks/kappa.py [--tokens 4096] [--repeats 20] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -62,6 +66,27 @@ def cuda_peak_bytes(layer: MoELayer, x: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def interleaved_ms(steps: dict[str, Callable[[], None]], repeats: int, sync: Callable[[], None] = lambda: None
+                   ) -> dict[str, list[float]]:
+    """Milliseconds of each step, run in turn `repeats` times, the order reversed every round."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for _ in range(repeats):
+        for name in order:
+            sync()
+            start = time.perf_counter()
+            steps[name]()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+        order.reverse()
+    return times
+
+
+def paired_ratio(times: list[float], baseline: list[float]) -> float:
+    """Median over rounds of times[i] / baseline[i]."""
+    return round(statistics.median(t / b for t, b in zip(times, baseline)), 3)
+
+
 def tiny_training_step(repeats: int) -> dict:
     """The whole tiny-config training step (conf/tiny.yaml sizes, batch 16 × 256, AdamW):
     SwiGLU experts vs fused κ-SwiGLU experts, interleaved medians."""
@@ -87,23 +112,18 @@ def tiny_training_step(repeats: int) -> dict:
         for _ in range(2):
             fn()
         steps[name] = fn
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    times = interleaved_ms(steps, repeats)
     ms = {name: statistics.median(t) for name, t in times.items()}
     return {"config": "tiny training step (16×256 tokens, 4 MoE layers, AdamW)", "plain_ms": round(ms["plain"], 1),
-            "fused_ms": round(ms["kappa"], 1), "time_ratio_fused": round(ms["kappa"] / ms["plain"], 3),
-            "target": "<= 1.05", "threads": torch.get_num_threads()}
+            "fused_ms": round(ms["kappa"], 1), "time_ratio_fused": paired_ratio(times["kappa"], times["plain"]),
+            "target": "<= 1.05", "repeats": repeats, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--d_model", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--granularity", default="per_gate")
@@ -141,23 +161,16 @@ def main() -> None:
                 if hasattr(layer.experts, "current_scale"):
                     layer.experts.current_scale = scale
                 step(layer, x)
-        times: dict[str, list[float]] = {name: [] for name in layers}
-        for _ in range(args.repeats):
-            for name, layer in layers.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                step(layer, x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append((time.perf_counter() - start) * 1e3)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times = interleaved_ms({name: functools.partial(step, layer, x) for name, layer in layers.items()},
+                               args.repeats, sync)
         ms = {name: statistics.median(t) for name, t in times.items()}
         saved = {name: saved_activation_bytes(layer, x) for name, layer in layers.items()}
         row = {"config": f"T={args.tokens},d={d_model},E={num_experts},h={hidden},top2,{args.dtype},{device.type}",
                "granularity": args.granularity,
                "plain_ms": round(ms["plain"], 2), "eager_ms": round(ms["kappa"], 2), "fused_ms": round(ms["fused"], 2),
-               "time_ratio_eager": round(ms["kappa"] / ms["plain"], 3),
-               "time_ratio_fused": round(ms["fused"] / ms["plain"], 3),
+               "time_ratio_eager": paired_ratio(times["kappa"], times["plain"]),
+               "time_ratio_fused": paired_ratio(times["fused"], times["plain"]),
                "plain_saved_MiB": round(saved["plain"] / 2**20, 2), "kappa_saved_MiB": round(saved["fused"] / 2**20, 2),
                "memory_ratio_eager": round(saved["kappa"] / saved["plain"], 4),
                "memory_ratio_fused": round(saved["fused"] / saved["plain"], 4),

@@ -70,6 +70,22 @@ def test_function_matches_independent_reference(rows, hidden, u, layout, seed):
     torch.testing.assert_close(out.double(), reference(gate, s, b, a, u), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("by_matmul", [False, True])
+def test_per_row_parameter_gradients_sum_into_their_table_rows(by_matmul):
+    """`_sum_rows` (index_add on CPU, one-hot matmul on GPUs; both run here) against a loop,
+    including a table row no index points at."""
+    from lit_moe.kappa import _sum_rows
+
+    torch.manual_seed(0)
+    index = torch.tensor([0, 2, 2, 0, 2, 3, 0])
+    grads = torch.randn(7, 5), torch.randn(7, 1)
+    sums = _sum_rows(index, 4, *grads, by_matmul=by_matmul)
+    for grad, total in zip(grads, sums):
+        expected = torch.stack([sum((grad[i] for i in range(7) if index[i] == r), torch.zeros(grad.shape[1]))
+                                for r in range(4)])
+        torch.testing.assert_close(total, expected)
+
+
 def test_index_rows_equal_gathered_parameters_and_bf16_keeps_dtype():
     torch.manual_seed(0)
     gate, s, index = torch.randn(12, 6), torch.randn(12, 1), torch.randint(0, 3, (12,))
