@@ -3,10 +3,31 @@ finite differences."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
-from lit_moe.moe.grouped_matmul import _GRADIENT_STORAGE, grouped_matmul, supports_grouped_matmul
+from lit_moe.moe import grouped_matmul as grouped_matmul_module
+from lit_moe.moe.grouped_matmul import _GRADIENT_STORAGE, _gemm_batch, grouped_matmul, supports_grouped_matmul
+
+
+@pytest.fixture(params=["mkl_batch", "loop"], autouse=True)
+def backend(request, monkeypatch):
+    """Every test runs on both: MKL's grouped GEMM (one call for all experts) and the loop of
+    torch.mm calls that builds without MKL take."""
+    if request.param == "loop":
+        monkeypatch.setattr(grouped_matmul_module, "_gemm_batch", lambda dtype: None)
+    elif _gemm_batch(torch.float32) is None or _gemm_batch(torch.float64) is None:
+        pytest.skip("this torch build exports no MKL cblas_?gemm_batch")
+    return request.param
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not torch.backends.mkl.is_available(),
+                    reason="MKL's grouped GEMM comes with torch's x86 MKL builds")
+def test_mkl_grouped_gemm_is_found_on_x86_builds_with_mkl():
+    assert _gemm_batch(torch.float32) is not None and _gemm_batch(torch.float64) is not None
+    assert _gemm_batch(torch.bfloat16) is None  # other dtypes take the loop
 
 
 def _reference(x, weights, counts, index):
@@ -18,13 +39,14 @@ def _reference(x, weights, counts, index):
 
 
 @pytest.mark.parametrize("gathered", [True, False])
-def test_matches_row_by_row_reference_with_idle_experts(gathered):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_row_by_row_reference_with_idle_experts(gathered, dtype):
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 1, 0])  # experts 1 and 4 get no rows
     pairs = int(counts.sum())
-    x = torch.randn(7 if gathered else pairs, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7 if gathered else pairs, 6, dtype=dtype, requires_grad=True)
     index = torch.randint(0, 7, (pairs,)) if gathered else None
-    weights = [torch.randn(5, 6, n, dtype=torch.float64, requires_grad=True) for n in (4, 3)]
+    weights = [torch.randn(5, 6, n, dtype=dtype, requires_grad=True) for n in (4, 3)]
     outs = grouped_matmul(x, tuple(weights), counts, index=index)
     refs = _reference(x, weights, counts, index)
     upstream = [torch.randn_like(o) for o in outs]
@@ -101,3 +123,18 @@ def test_no_gradient_memory_is_kept_under_torch_distributed(tmp_path):
         torch.testing.assert_close(w.grad, torch.stack([x[:2].sum(0), x[2]])[:, :, None].expand(2, 4, 2))
     finally:
         dist.destroy_process_group()
+
+
+def test_non_contiguous_inputs_and_weights():
+    """A transposed x and a weight bank viewed through a permute give the contiguous answer."""
+    torch.manual_seed(3)
+    counts = torch.tensor([2, 3])
+    x = torch.randn(4, 5).t().requires_grad_()  # [5, 4], not contiguous
+    w = torch.randn(2, 3, 4).permute(0, 2, 1).requires_grad_()  # [2, 4, 3], not contiguous
+    (out,) = grouped_matmul(x, (w,), counts)
+    torch.testing.assert_close(out, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]))
+    out.square().sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    torch.cat([x_ref[:2] @ w_ref[0], x_ref[2:] @ w_ref[1]]).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)

@@ -13,10 +13,19 @@ gradient is large (E=64, d=512, h=256: 32 MiB per weight), and glibc serves bloc
 size with a fresh mmap every time, so each step paid the page faults of first touch again
 (~17 ms per 32 MiB on this VM, a fifth of a dense layer's whole step).
 
+The matmuls themselves go to MKL's grouped GEMM (`cblas_?gemm_batch`, one call for all
+experts, which spreads them over the cores) when the torch build exports it, as the x86 wheels
+do; elsewhere a loop of `torch.mm` calls does the same work. At E=64 (~128 rows per expert)
+the grouped call is ~17% faster than the loop on 2 cores, forward and backward.
+
 Rows are grouped by expert: expert e owns rows bounds[e]:bounds[e+1] of every output.
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+import os
 
 import torch
 from torch import Tensor
@@ -58,28 +67,150 @@ class _GradientStorage:
 _GRADIENT_STORAGE = _GradientStorage()
 
 
+# CBLAS enums (cblas.h).
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+@functools.cache
+def _gemm_batch(dtype: torch.dtype):
+    """MKL's `cblas_sgemm_batch` / `cblas_dgemm_batch` from torch's own library, or None.
+
+    Checked once per dtype on a small product against `torch.mm` (this also confirms 32-bit
+    MKL_INT, the LP64 interface torch links), so a build without MKL or with another integer
+    size takes the loop instead of computing garbage. LIT_MOE_NO_MKL_BATCH=1 turns it off."""
+    name = {torch.float32: "cblas_sgemm_batch", torch.float64: "cblas_dgemm_batch"}.get(dtype)
+    library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    if name is None or os.environ.get("LIT_MOE_NO_MKL_BATCH") or not os.path.exists(library):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
+    function.restype = None
+    function.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_void_p]
+    a, b = torch.randn(5, 3, dtype=dtype), torch.randn(2, 3, 4, dtype=dtype)
+    out = torch.full((5, 4), float("nan"), dtype=dtype)
+    rows, mats = torch.tensor([0, 3]), torch.tensor([0, 1])
+    _gemm_groups(function, False, False, torch.tensor([3, 2]), 4, 3, _pointers(a, rows * 3), 3,
+                 _pointers(b, mats * 12), 4, _pointers(out, rows * 4), 4, 0.0, dtype)
+    expected = torch.cat([a[:3] @ b[0], a[3:] @ b[1]])
+    return function if torch.allclose(out, expected) else None
+
+
+def _pointers(t: Tensor, offsets: Tensor) -> Tensor:
+    """Addresses [G] (int64) of elements `offsets` of contiguous t."""
+    return t.data_ptr() + offsets.to(torch.int64) * t.element_size()
+
+
+def _gemm_groups(function, trans_a: bool, trans_b: bool, m: Tensor | int, n: Tensor | int, k: Tensor | int,
+                 a: Tensor, lda: Tensor | int, b: Tensor, ldb: Tensor | int, c: Tensor, ldc: Tensor | int,
+                 beta: float, dtype: torch.dtype) -> None:
+    """C_g = op(A_g) @ op(B_g) + beta·C_g for every group g in one MKL call (row-major).
+
+    a, b, c: the groups' matrix addresses (`_pointers`); m, n, k and the leading dimensions
+    per group (tensors) or shared (ints). The matrices must stay alive during the call."""
+    groups = a.shape[0]
+
+    def ints(v: Tensor | int) -> Tensor:
+        return (v.to(torch.int32) if isinstance(v, Tensor) else torch.full((groups,), v, dtype=torch.int32)).contiguous()
+
+    args = [ints(_TRANS if trans_a else _NO_TRANS), ints(_TRANS if trans_b else _NO_TRANS), ints(m), ints(n), ints(k),
+            torch.ones(groups, dtype=dtype), a.contiguous(), ints(lda), b.contiguous(), ints(ldb),
+            torch.full((groups,), beta, dtype=dtype), c.contiguous(), ints(ldc)]
+    group_size = ints(1)  # one matrix per group; named so it outlives the call
+    function(_ROW_MAJOR, *(t.data_ptr() for t in args), groups, group_size.data_ptr())
+
+
+def _mkl_forward(function, x: Tensor, index: Tensor | None, bounds: list[int], weights: tuple[Tensor, ...],
+                 outs: list[Tensor]) -> None:
+    rows = x.contiguous() if index is None else x.index_select(0, index)
+    first, count, experts = _groups(bounds)
+    d = x.shape[1]
+    _gemm_groups(function, False, False, count.repeat(len(weights)),
+                 torch.cat([torch.full_like(count, w.shape[-1]) for w in weights]), d,
+                 _pointers(rows, first * d).repeat(len(weights)), d,
+                 torch.cat([_pointers(w, experts * w[0].numel()) for w in weights]),
+                 torch.cat([torch.full_like(count, w.shape[-1]) for w in weights]),
+                 torch.cat([_pointers(out, first * out.shape[1]) for out in outs]),
+                 torch.cat([torch.full_like(count, out.shape[1]) for out in outs]), 0.0, x.dtype)
+
+
+def _mkl_backward(function, x: Tensor, index: Tensor | None, bounds: list[int], weights: list[Tensor],
+                  grad_outs: list[Tensor], d_weights: list[Tensor | None], d_x_rows: Tensor | None) -> None:
+    first, count, experts = _groups(bounds)
+    d = x.shape[1]
+    pairs = [(w, g, d_w) for w, g, d_w in zip(weights, grad_outs, d_weights) if d_w is not None]
+    if pairs:  # dW[e] = x_e^T @ grad_e: M = d, N = n, K = rows of e
+        rows = x.contiguous() if index is None else x.index_select(0, index)
+        n = torch.cat([torch.full_like(count, g.shape[1]) for _, g, _ in pairs])
+        _gemm_groups(function, True, False, d, n, count.repeat(len(pairs)),
+                     _pointers(rows, first * d).repeat(len(pairs)), d,
+                     torch.cat([_pointers(g, first * g.shape[1]) for _, g, _ in pairs]), n,
+                     torch.cat([_pointers(d_w, experts * d_w[0].numel()) for _, _, d_w in pairs]), n, 0.0, x.dtype)
+    if d_x_rows is not None:  # dx_e = Σ_i grad_i,e @ W_i[e]^T, one call per weight (they add up)
+        for i, (w, g) in enumerate(zip(weights, grad_outs)):
+            n = g.shape[1]
+            _gemm_groups(function, False, True, count, d, n, _pointers(g, first * n), n,
+                         _pointers(w, experts * w[0].numel()), n, _pointers(d_x_rows, first * d), d,
+                         0.0 if i == 0 else 1.0, x.dtype)
+
+
+def _groups(bounds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """First row, row count and expert id of every expert that has rows."""
+    edges = torch.tensor(bounds, dtype=torch.int64)
+    count = edges[1:] - edges[:-1]
+    experts = torch.nonzero(count).flatten()
+    return edges[experts], count[experts], experts
+
+
 def _expert_rows(x: Tensor, index: Tensor | None, r0: int, r1: int) -> Tensor:
     return x[r0:r1] if index is None else x.index_select(0, index[r0:r1])
+
+
+def _loop_forward(x: Tensor, index: Tensor | None, bounds: list[int], weights: tuple[Tensor, ...],
+                  outs: list[Tensor]) -> None:
+    for e in range(len(bounds) - 1):
+        r0, r1 = bounds[e], bounds[e + 1]
+        if r0 < r1:
+            xe = _expert_rows(x, index, r0, r1)
+            for w, out in zip(weights, outs):
+                torch.mm(xe, w[e], out=out[r0:r1])
+
+
+def _loop_backward(x: Tensor, index: Tensor | None, bounds: list[int], weights: list[Tensor],
+                   grad_outs: list[Tensor], d_weights: list[Tensor | None], d_x_rows: Tensor | None) -> None:
+    for e in range(len(bounds) - 1):
+        r0, r1 = bounds[e], bounds[e + 1]
+        if r0 == r1:
+            continue
+        if any(d_w is not None for d_w in d_weights):
+            xe = _expert_rows(x, index, r0, r1)
+            for d_w, grad in zip(d_weights, grad_outs):
+                if d_w is not None:
+                    torch.mm(xe.t(), grad[r0:r1], out=d_w[e])
+        if d_x_rows is not None:
+            rows = torch.mm(grad_outs[0][r0:r1], weights[0][e].t(), out=d_x_rows[r0:r1])
+            for w, grad in zip(weights[1:], grad_outs[1:]):
+                rows.addmm_(grad[r0:r1], w[e].t())
 
 
 class GroupedMatmul(torch.autograd.Function):
     """outs[i][rows of e] = x_e @ weights[i][e] for every expert e, x_e = x[index[rows of e]]
     (or x's own rows of e when index is None); backward gives x and every weight its gradient.
 
-    Several weights that share an input (SwiGLU's gate and up) take one gather of x_e and one
-    gradient matmul pass per expert. Only x and index are saved: x_e is gathered again in
+    Several weights that share an input (SwiGLU's gate and up) share its gather and go in
+    one grouped call. Only x and index are saved: the gathered rows are made again in
     backward rather than kept as an [N, d] copy.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor | None, bounds: list[int], *weights: Tensor):
         outs = [x.new_empty(bounds[-1], w.shape[-1]) for w in weights]
-        for e in range(len(bounds) - 1):
-            r0, r1 = bounds[e], bounds[e + 1]
-            if r0 < r1:
-                xe = _expert_rows(x, index, r0, r1)
-                for w, out in zip(weights, outs):
-                    torch.mm(xe, w[e], out=out[r0:r1])
+        function = _gemm_batch(x.dtype) if bounds[-1] else None
+        if function is not None:
+            _mkl_forward(function, x, index, bounds, tuple(w.contiguous() for w in weights), outs)
+        else:
+            _loop_forward(x, index, bounds, weights, outs)
         ctx.save_for_backward(x, index, *weights)
         ctx.bounds = bounds
         return tuple(outs)
@@ -92,23 +223,16 @@ class GroupedMatmul(torch.autograd.Function):
         grad_outs = [g.contiguous() for g in grad_outs]
         d_x_rows = x.new_empty(bounds[-1], x.shape[1]) if need_x else None
         d_weights = [_GRADIENT_STORAGE.empty_like(w) if need else None for w, need in zip(weights, need_w)]
-
         for e in range(len(bounds) - 1):
-            r0, r1 = bounds[e], bounds[e + 1]
-            if r0 == r1:  # no rows: this expert's weight gradients are zero
+            if bounds[e] == bounds[e + 1]:  # no rows: this expert's weight gradients are zero
                 for d_w in d_weights:
                     if d_w is not None:
                         d_w[e].zero_()
-                continue
-            if any(d_w is not None for d_w in d_weights):
-                xe = _expert_rows(x, index, r0, r1)
-                for d_w, grad in zip(d_weights, grad_outs):
-                    if d_w is not None:
-                        torch.mm(xe.t(), grad[r0:r1], out=d_w[e])
-            if d_x_rows is not None:
-                rows = torch.mm(grad_outs[0][r0:r1], weights[0][e].t(), out=d_x_rows[r0:r1])
-                for w, grad in zip(weights[1:], grad_outs[1:]):
-                    rows.addmm_(grad[r0:r1], w[e].t())
+        function = _gemm_batch(x.dtype) if bounds[-1] else None
+        if function is not None:
+            _mkl_backward(function, x, index, bounds, [w.contiguous() for w in weights], grad_outs, d_weights, d_x_rows)
+        else:
+            _loop_backward(x, index, bounds, weights, grad_outs, d_weights, d_x_rows)
         d_x = None
         if need_x:
             d_x = d_x_rows if index is None else torch.zeros_like(x).index_add_(0, index, d_x_rows)
