@@ -138,3 +138,15 @@ def test_non_contiguous_inputs_and_weights():
     torch.cat([x_ref[:2] @ w_ref[0], x_ref[2:] @ w_ref[1]]).square().sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+def test_grouped_gemm_only_for_small_expert_blocks(backend):
+    """Large blocks (≥ 512 rows per active expert on average) take the loop of multi-threaded
+    matmuls, which measured faster there; idle experts do not count."""
+    from lit_moe.moe.grouped_matmul import _backend
+
+    x = torch.randn(1, 4)
+    fast = grouped_matmul_module._gemm_batch(torch.float32)
+    assert _backend(x, [0, 300, 300, 800]) is fast  # 400 rows per active expert
+    assert _backend(x, [0, 600, 600, 1200]) is None
+    assert _backend(x, [0, 0]) is None

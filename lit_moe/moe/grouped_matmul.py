@@ -13,10 +13,12 @@ gradient is large (E=64, d=512, h=256: 32 MiB per weight), and glibc serves bloc
 size with a fresh mmap every time, so each step paid the page faults of first touch again
 (~17 ms per 32 MiB on this VM, a fifth of a dense layer's whole step).
 
-The matmuls themselves go to MKL's grouped GEMM (`cblas_?gemm_batch`, one call for all
-experts, which spreads them over the cores) when the torch build exports it, as the x86 wheels
-do; elsewhere a loop of `torch.mm` calls does the same work. At E=64 (~128 rows per expert)
-the grouped call is ~17% faster than the loop on 2 cores, forward and backward.
+Small expert blocks go to MKL's grouped GEMM (`cblas_?gemm_batch`: one call for all experts,
+spread over the cores) when the torch build exports it, as the x86 wheels do; otherwise, and
+for large blocks, a loop of multi-threaded `torch.mm` calls does the same work. Measured on
+2 cores (one MoE layer step, T=4096, d=512): E=64 (~128 rows per expert) the grouped call
+takes 17% less time in its matmuls than the loop, E=32 (~256 rows) 5% less, E=16 (~512 rows)
+the same, E=8 (~1024 rows) 6% more; hence `_BATCH_MAX_ROWS`.
 
 Rows are grouped by expert: expert e owns rows bounds[e]:bounds[e+1] of every output.
 """
@@ -69,6 +71,16 @@ _GRADIENT_STORAGE = _GradientStorage()
 
 # CBLAS enums (cblas.h).
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+# The grouped GEMM is used while experts average fewer rows than this (see the module doc).
+_BATCH_MAX_ROWS = 512
+
+
+def _backend(x: Tensor, bounds: list[int]):
+    """MKL's grouped GEMM function for this call, or None for the loop."""
+    active = sum(1 for e in range(len(bounds) - 1) if bounds[e] < bounds[e + 1])
+    if not active or bounds[-1] >= _BATCH_MAX_ROWS * active:
+        return None
+    return _gemm_batch(x.dtype)
 
 
 @functools.cache
@@ -206,7 +218,7 @@ class GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor | None, bounds: list[int], *weights: Tensor):
         outs = [x.new_empty(bounds[-1], w.shape[-1]) for w in weights]
-        function = _gemm_batch(x.dtype) if bounds[-1] else None
+        function = _backend(x, bounds)
         if function is not None:
             _mkl_forward(function, x, index, bounds, tuple(w.contiguous() for w in weights), outs)
         else:
@@ -228,7 +240,7 @@ class GroupedMatmul(torch.autograd.Function):
                 for d_w in d_weights:
                     if d_w is not None:
                         d_w[e].zero_()
-        function = _gemm_batch(x.dtype) if bounds[-1] else None
+        function = _backend(x, bounds)
         if function is not None:
             _mkl_backward(function, x, index, bounds, [w.contiguous() for w in weights], grad_outs, d_weights, d_x_rows)
         else:
