@@ -1,12 +1,11 @@
 """CPU grouped matmul for expert banks, with its backward: the CPU counterpart of
 `torch._grouped_mm` that the SwiGLU experts use in fp32.
 
-Why a loop of our own rather than the CPU fallback of `torch._grouped_mm`: the input gather
-is fused in (each expert's rows are read from the token matrix directly, so no [N, d] copy
-of the gathered inputs is made in forward or kept for backward, and backward scatters the
-input gradient with one index_add instead of an accumulating index_put); weights that share
-an input (SwiGLU's gate and up) share that gather; and every expert's weight gradient is
-written straight into its slice of one [E, k, n] tensor.
+Why our own rather than the CPU fallback of `torch._grouped_mm`: the input gather is fused
+in (no [N, d] copy of the gathered inputs is kept for backward: the rows are gathered again
+there, and the input gradient is scattered with one index_add instead of an accumulating
+index_put); weights that share an input (SwiGLU's gate and up) share that gather; and every
+expert's weight gradient is written straight into its slice of one [E, k, n] tensor.
 
 Weight-gradient memory is reused from step to step (`_GradientStorage`). An expert bank's
 gradient is large (E=64, d=512, h=256: 32 MiB per weight), and glibc serves blocks of that
@@ -59,7 +58,7 @@ class _GradientStorage:
         storage = self._storages.get(weight)
         if (_storage_use_count is not None and storage is not None and _storage_use_count(storage._cdata) == 1
                 and storage.nbytes() == weight.numel() * weight.element_size()):
-            return weight.new_empty(0).set_(storage, 0, weight.shape, weight.stride())
+            return weight.new_empty(0).set_(storage, 0, weight.shape)  # contiguous, as the first one
         grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
         if _storage_use_count is not None:
             self._storages[weight] = grad.untyped_storage()
