@@ -66,14 +66,19 @@ def _forward(gate: Tensor, confidence: Tensor, bias: Tensor, scale: Tensor, inde
     return (F.silu(kappa * g) / kappa).to(gate.dtype)
 
 
-def _per_use(compute: Callable[[], Tensor]) -> Callable[[], Tensor]:
-    """A shared intermediate: computed once in eager; rebuilt at each use when compiling.
+def _sigmoid(x: Tensor) -> Tensor:
+    return 1 / (1 + _exp(-x)) if torch.compiler.is_compiling() else torch.sigmoid(x)
+
+
+def _per_use(compute: Callable[[], Tensor], rebuild: bool = True) -> Callable[[], Tensor]:
+    """A shared intermediate: computed once in eager; rebuilt at each use when compiling
+    (unless `rebuild` is False: a small result, e.g. a reduction, is better kept).
 
     Why: on CPU, inductor stores any exp/sigmoid result that has two users to an [N, h] buffer
     and reads it back in a second loop (four loops and ~11 passes over [N, h] in κ's backward).
     Built once per use, every output stays in one loop over the rows, and the kernel's common
     subexpression elimination still evaluates each exp once: one pass, ~1.6× faster at E=64."""
-    if torch.compiler.is_compiling():
+    if rebuild and torch.compiler.is_compiling():
         return compute
     value = compute()
     return lambda: value
@@ -87,7 +92,7 @@ def _backward(grad_out: Tensor, gate: Tensor, confidence: Tensor, bias: Tensor, 
     g, grad, s = gate.to(dtype), grad_out.to(dtype), confidence.to(dtype)
     t = _per_use(lambda: _tanh_z(confidence, bias, scale, index, dtype))
     u = _per_use(lambda: _exp(log_scale * t()) * g)
-    sig = _per_use(lambda: 1 / (1 + _exp(-u())) if torch.compiler.is_compiling() else torch.sigmoid(u()))
+    sig = _per_use(lambda: _sigmoid(u()))
     # ∂out/∂g = SiLU'(u) = σ(u)(1 + u(1 − σ(u))); eager takes SiLU's own backward kernel
     # (bit-identical to plain SwiGLU's gradient at κ = 1).
     if torch.compiler.is_compiling():
@@ -104,15 +109,13 @@ def _backward(grad_out: Tensor, gate: Tensor, confidence: Tensor, bias: Tensor, 
     def d_z_value() -> Tensor:
         return (grad * g * u() * sig() * (1 - sig())).sum_to_size(d_z_shape) * (1 - t() * t()) * log_scale
 
-    if tuple(d_z_shape) == tuple(g.shape):
-        d_z = _per_use(d_z_value)
-    else:  # summed over the units that share b and a: [N, 1], small, so kept once
-        d_z_sum = d_z_value()
-        d_z = lambda: d_z_sum  # noqa: E731
+    # Summed over the units that share b and a (per expert / layer), d_z is [N, 1]: kept once.
+    d_z = _per_use(d_z_value, rebuild=tuple(d_z_shape) == tuple(g.shape))
     scale_rows = scale if index is None else scale[index]
     d_conf = (d_z() * scale_rows.to(dtype)).sum_to_size(confidence.shape).to(confidence.dtype)
     if index is None:
-        return d_gate, d_conf, d_z().sum_to_size(bias.shape).to(bias.dtype), (d_z() * s).sum_to_size(scale.shape).to(scale.dtype)
+        d_bias, d_scale = d_z().sum_to_size(bias.shape), (d_z() * s).sum_to_size(scale.shape)
+        return d_gate, d_conf, d_bias.to(bias.dtype), d_scale.to(scale.dtype)
     # Rows were gathered from [G, w] tables: the per-row gradients of b and a [N, w] are summed
     # into their table rows by `_sum_rows`, outside this (possibly compiled) function.
     return d_gate, d_conf, d_z(), d_z() * s
