@@ -104,7 +104,8 @@ def _backward(grad_out: Tensor, gate: Tensor, confidence: Tensor, bias: Tensor, 
         return (d_gate,)
     # ∂out/∂κ = g²·σ(u)(1 − σ(u)) and ∂κ/∂z = κ·ln U·(1 − t²), so with u = κg:
     # ∂L/∂z = grad·g·u·σ(1 − σ)·(1 − t²)·ln U, summed over the units z is shared by.
-    d_z_shape = t().shape if index is None else (index.shape[0], bias.shape[-1])
+    d_z_shape = (torch.broadcast_shapes(bias.shape, scale.shape, confidence.shape) if index is None
+                 else (index.shape[0], bias.shape[-1]))
 
     def d_z_value() -> Tensor:
         return (grad * g * u() * sig() * (1 - sig())).sum_to_size(d_z_shape) * (1 - t() * t()) * log_scale
@@ -124,7 +125,9 @@ def _backward(grad_out: Tensor, gate: Tensor, confidence: Tensor, bias: Tensor, 
 def _sum_rows(index: Tensor, rows: int, *row_grads: Tensor, by_matmul: bool | None = None) -> list[Tensor]:
     """For each per-row gradient [N, w]: its sum into a [rows, w] table by `index` [N].
     by_matmul: one-hot matmul instead of index_add (None: on GPUs only)."""
-    if not (index.device.type != "cpu" if by_matmul is None else by_matmul):
+    if by_matmul is None:
+        by_matmul = index.device.type != "cpu"
+    if not by_matmul:
         # One pass over the rows; a one-hot matmul [2G, N] @ [N, w] took 7 ms for N=8192, w=1024.
         return [grad.new_zeros(rows, grad.shape[1]).index_add_(0, index, grad) for grad in row_grads]
     # On GPUs a scatter-add would serialise on atomics (all rows of an expert hit the same

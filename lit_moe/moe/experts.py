@@ -29,6 +29,11 @@ def _use_grouped_mm(x: Tensor, hidden: int) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
+def _row_experts(counts: Tensor, rows: int) -> Tensor:
+    """Expert id [rows] of each row of pairs grouped by expert (counts [E] per expert)."""
+    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=rows)
+
+
 class Experts(nn.Module):
     """Base class for expert banks.
 
@@ -107,8 +112,7 @@ class SwiGLUExperts(Experts):
         expert = None
         if confidence is not None:
             confidence = self.pair_activation_input(confidence, counts)
-            expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
-                                             output_size=token_idx.shape[0])
+            expert = _row_experts(counts, token_idx.shape[0])
         sizes = counts.tolist()
         gate, up = grouped_matmul(x, (self.w_gate, self.w_up), sizes, index=token_idx)
         hidden = self.activation(gate, confidence, expert) * up
@@ -130,8 +134,7 @@ class SwiGLUExperts(Experts):
             up = torch._grouped_mm(x_sorted, self.w_up.to(dtype), offs=offsets)
             expert = None
             if confidence is not None:  # rows' expert ids, only for activations that use them
-                expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts,
-                                                 output_size=x_sorted.shape[0])
+                expert = _row_experts(counts, x_sorted.shape[0])
             act = self.activation(gate, confidence, expert)
             return torch._grouped_mm(act * up, self.w_down.to(dtype), offs=offsets)
         # Sort-and-split: one matmul chain per expert over its contiguous block of rows.

@@ -132,27 +132,31 @@ def _gemm_groups(function, trans_a: bool, trans_b: bool, m: Tensor | int, n: Ten
     function(_ROW_MAJOR, *(t.data_ptr() for t in args), groups, group_size.data_ptr())
 
 
-def _mkl_forward(function, x: Tensor, index: Tensor | None, bounds: list[int], weights: tuple[Tensor, ...],
-                 outs: list[Tensor]) -> None:
-    rows = x.contiguous() if index is None else x.index_select(0, index)
-    first, count, experts = _groups(bounds)
+def _gathered_rows(x: Tensor, index: Tensor | None) -> Tensor:
+    """x's rows in pair order ([N, d], contiguous): gathered by `index`, or x itself."""
+    return x.contiguous() if index is None else x.index_select(0, index)
+
+
+def _mkl_forward(function, groups: tuple[Tensor, Tensor, Tensor], x: Tensor, index: Tensor | None,
+                 weights: tuple[Tensor, ...], outs: list[Tensor]) -> None:
+    first, count, experts = groups
+    rows = _gathered_rows(x, index)
     d = x.shape[1]
-    _gemm_groups(function, False, False, count.repeat(len(weights)),
-                 torch.cat([torch.full_like(count, w.shape[-1]) for w in weights]), d,
+    n = torch.cat([torch.full_like(count, w.shape[-1]) for w in weights])  # also B's and C's row length
+    _gemm_groups(function, False, False, count.repeat(len(weights)), n, d,
                  _pointers(rows, first * d).repeat(len(weights)), d,
-                 torch.cat([_pointers(w, experts * w[0].numel()) for w in weights]),
-                 torch.cat([torch.full_like(count, w.shape[-1]) for w in weights]),
-                 torch.cat([_pointers(out, first * out.shape[1]) for out in outs]),
-                 torch.cat([torch.full_like(count, out.shape[1]) for out in outs]), 0.0, x.dtype)
+                 torch.cat([_pointers(w, experts * w[0].numel()) for w in weights]), n,
+                 torch.cat([_pointers(out, first * out.shape[1]) for out in outs]), n, 0.0, x.dtype)
 
 
-def _mkl_backward(function, x: Tensor, index: Tensor | None, bounds: list[int], weights: list[Tensor],
-                  grad_outs: list[Tensor], d_weights: list[Tensor | None], d_x_rows: Tensor | None) -> None:
-    first, count, experts = _groups(bounds)
+def _mkl_backward(function, groups: tuple[Tensor, Tensor, Tensor], x: Tensor, index: Tensor | None,
+                  weights: list[Tensor], grad_outs: list[Tensor], d_weights: list[Tensor | None],
+                  d_x_rows: Tensor | None) -> None:
+    first, count, experts = groups
     d = x.shape[1]
     pairs = [(w, g, d_w) for w, g, d_w in zip(weights, grad_outs, d_weights) if d_w is not None]
     if pairs:  # dW[e] = x_e^T @ grad_e: M = d, N = n, K = rows of e
-        rows = x.contiguous() if index is None else x.index_select(0, index)
+        rows = _gathered_rows(x, index)
         n = torch.cat([torch.full_like(count, g.shape[1]) for _, g, _ in pairs])
         _gemm_groups(function, True, False, d, n, count.repeat(len(pairs)),
                      _pointers(rows, first * d).repeat(len(pairs)), d,
@@ -217,13 +221,15 @@ class GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor | None, bounds: list[int], *weights: Tensor):
         outs = [x.new_empty(bounds[-1], w.shape[-1]) for w in weights]
+        # Backend and expert groups are decided once; backward reuses them.
         function = _backend(x, bounds)
+        groups = _groups(bounds) if function is not None else None
         if function is not None:
-            _mkl_forward(function, x, index, bounds, tuple(w.contiguous() for w in weights), outs)
+            _mkl_forward(function, groups, x, index, tuple(w.contiguous() for w in weights), outs)
         else:
             _loop_forward(x, index, bounds, weights, outs)
         ctx.save_for_backward(x, index, *weights)
-        ctx.bounds = bounds
+        ctx.bounds, ctx.function, ctx.groups = bounds, function, groups
         return tuple(outs)
 
     @staticmethod
@@ -239,9 +245,9 @@ class GroupedMatmul(torch.autograd.Function):
                 for d_w in d_weights:
                     if d_w is not None:
                         d_w[e].zero_()
-        function = _backend(x, bounds)
-        if function is not None:
-            _mkl_backward(function, x, index, bounds, [w.contiguous() for w in weights], grad_outs, d_weights, d_x_rows)
+        if ctx.function is not None:
+            _mkl_backward(ctx.function, ctx.groups, x, index, [w.contiguous() for w in weights], grad_outs,
+                          d_weights, d_x_rows)
         else:
             _loop_backward(x, index, bounds, weights, grad_outs, d_weights, d_x_rows)
         d_x = None
