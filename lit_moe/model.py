@@ -27,7 +27,7 @@ from lit_moe.components import build_component
 from lit_moe.errors import ConfigError
 from lit_moe.moe.experts import DenseSwiGLU, SwiGLUExperts
 from lit_moe.moe.layer import MoELayer
-from lit_moe.moe.router import Router
+from lit_moe.moe.router import Router, nonfinite
 
 
 def _default_router() -> dict[str, Any]:
@@ -173,7 +173,7 @@ class Block(nn.Module):
         else:
             out = self._forward(x, k, positions, attn_mask)
         # Only training steps read it (nan_policy); evaluation forwards skip the reduction.
-        self.nonfinite_output = torch.isfinite(out).all().logical_not() if self.training else None
+        self.nonfinite_output = nonfinite(out) if self.training else None
         return out
 
     def _forward(self, x: Tensor, k: Tensor | None, positions: Tensor | None = None,

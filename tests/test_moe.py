@@ -93,6 +93,39 @@ def test_topk_weights_are_softmax_over_winners():
     assert assigned.tolist() == [[False, True, True, False]]
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_selection_matches_sort_and_passes_gradients(k):
+    """The argmax path (k ≤ 2) against a full descending sort: same winners, same order
+    (distinct random logits: no ties); gradients land on the winners only."""
+    from lit_moe.moe.router import top_k
+    logits = torch.randn(300, 7, requires_grad=True)
+    values, index = top_k(logits, k)
+    order = logits.detach().argsort(dim=-1, descending=True)[:, :k]
+    assert torch.equal(index, order)
+    torch.testing.assert_close(values, logits.detach().gather(-1, order))
+    values.sum().backward()
+    assert torch.equal(logits.grad, torch.zeros(300, 7).scatter(-1, order, 1.0))
+
+
+def test_top_two_never_repeats_an_expert():
+    """Ties go to the lower index; a row whose other logits are all −inf still gets two experts."""
+    from lit_moe.moe.router import top_k
+    inf = float("inf")
+    logits = torch.tensor([[1.0, 1.0, 0.0], [2.0, -inf, -inf], [-inf, 3.0, -inf], [0.0, 0.0, 0.0]])
+    _, index = top_k(logits, 2)
+    assert index.tolist() == [[0, 1], [0, 1], [1, 0], [0, 1]]
+
+
+def test_nonfinite_flags_nan_and_inf_anywhere():
+    from lit_moe.moe.router import nonfinite
+    t = torch.randn(5, 4)
+    assert not nonfinite(t).item() and not nonfinite(torch.empty(0, 4)).item()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[3, 2] = bad
+        assert nonfinite(u).item(), bad
+
+
 def test_aux_losses_on_hand_made_logits():
     """E=2, top-1, both tokens pick expert 1: f=(0,1), P=(1/4,3/4) → LB = 2·3/4; z = (log 4)²."""
     router = TopKRouter(2, 2, top_k=1)

@@ -57,6 +57,22 @@ def test_uniform_logits_have_entropy_log_e():
     assert summarize(router.metrics())["entropy"] == pytest.approx(math.log(8), rel=1e-5)
 
 
+def test_entropy_from_the_routers_softmax_matches_a_per_element_sum():
+    """The router hands its softmax and logsumexp to the counters (entropy = Σ lse − Σ p·z);
+    that equals Σ −p·log p summed element by element, also with a −inf logit (p = 0 there)."""
+    logits = torch.randn(40, 6, dtype=torch.float64) * 3
+    logits[7, 2] = -float("inf")
+    probs = torch.softmax(logits, dim=-1)
+    expected = sum(-p * math.log(p) for p in probs.flatten().tolist() if p > 0)
+    weights = torch.zeros(40, 6).scatter_(-1, torch.zeros(40, 1, dtype=torch.long), 1.0)
+    aux = {"load_balance": torch.tensor(0.0), "z_loss": torch.tensor(0.0)}
+    for given in (False, True):
+        counters = RoutingCounters(6, "cpu")
+        extra = dict(probs=probs, log_normalizer=torch.logsumexp(logits, dim=-1)) if given else {}
+        counters.update(logits, weights, weights != 0, aux, **extra)
+        assert counters.entropy.item() == pytest.approx(expected, rel=1e-5), given
+
+
 def test_active_expert_percentiles_from_a_hand_built_weight_tensor():
     # 10 tokens using 1,1,1,1,1,2,2,2,3,4 experts: token i uses experts 0 .. a_i − 1.
     active = [1, 1, 1, 1, 1, 2, 2, 2, 3, 4]

@@ -21,16 +21,17 @@ from lit_moe.lapsum import sparse_soft_topk
 from lit_moe.moe.routing_metrics import SPLITS, RoutingCounters
 
 
-def switch_load_balance_loss(logits: Tensor, assigned: Tensor) -> Tensor:
+def switch_load_balance_loss(logits: Tensor, assigned: Tensor, probs: Tensor | None = None) -> Tensor:
     """Switch Transformer balance loss E · Σ_e f_e · P_e (METHODS §1).
 
     f_e: fraction of (token, expert) assignments that went to e (non-differentiable);
     P_e: mean router probability softmax(z)_e over tokens (carries the gradient).
+    probs: softmax(logits) when the caller has it already.
     """
     num_experts = logits.shape[-1]
     counts = assigned.sum(dim=0, dtype=torch.float32)
     f = counts / counts.sum().clamp_min(1.0)
-    p = torch.softmax(logits, dim=-1).mean(dim=0)
+    p = (torch.softmax(logits, dim=-1) if probs is None else probs).mean(dim=0)
     return num_experts * torch.dot(f, p)
 
 
@@ -38,9 +39,31 @@ def switch_load_balance_loss(logits: Tensor, assigned: Tensor) -> Tensor:
 CONFIDENCE_MODES = ("top_logit", "logit_norm", "router_weight", "constant")
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """Mean over tokens of (logsumexp z)²: keeps router logits from drifting large."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+def nonfinite(t: Tensor) -> Tensor:
+    """Whether t has a NaN or ±Inf (a 0-d bool device tensor, no host sync). One min/max pass
+    (NaN propagates into both) instead of isfinite's [T, E] mask and its reduction."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    low, high = torch.aminmax(t)
+    return (torch.isfinite(low) & torch.isfinite(high)).logical_not()
+
+
+def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each row's k largest logits and their expert indices [T, k], largest first.
+
+    k ≤ 2 by one or two argmax passes (on 2 CPU cores about half of `torch.topk`'s time for
+    [4096, 64]); ties go to the lower index. Gradients reach the logits through the gather.
+    """
+    if k > 2:
+        return logits.topk(k, dim=-1)
+    with torch.no_grad():
+        index = logits.argmax(dim=-1, keepdim=True)
+        if k == 2:
+            second = logits.scatter(-1, index, float("-inf")).argmax(dim=-1, keepdim=True)
+            # A row whose other logits are all −inf would repeat the first: any other expert will do.
+            second = torch.where(second == index, (index + 1) % logits.shape[-1], second)
+            index = torch.cat([index, second], dim=-1)
+    return logits.gather(-1, index), index
 
 
 class Router(nn.Module):
@@ -103,13 +126,18 @@ class Router(nn.Module):
         logits = self.compute_logits(x)
         # Device flag, no host sync: `Transformer.first_nonfinite()` reads it when a training
         # loss is non-finite, to name the first layer whose router logits went NaN/Inf.
-        self.nonfinite_logits = torch.isfinite(logits).all().logical_not() if self.training else None
+        self.nonfinite_logits = nonfinite(logits) if self.training else None
         weights, assigned = self.route(logits, k)
         # Scoring without gradients and without statistics (lm-eval requests) needs neither.
+        probs = log_normalizer = None
         if torch.is_grad_enabled() or self.record_metrics:
+            # One softmax and one logsumexp serve both losses and the entropy statistic.
+            probs = torch.softmax(logits, dim=-1)
+            log_normalizer = torch.logsumexp(logits, dim=-1)
             self.aux_losses = {
-                "load_balance": switch_load_balance_loss(logits, assigned),
-                "z_loss": router_z_loss(logits),
+                "load_balance": switch_load_balance_loss(logits, assigned, probs),
+                # Router z-loss: mean over tokens of (logsumexp z)², keeps the logits from drifting large.
+                "z_loss": log_normalizer.square().mean(),
             }
         else:
             self.aux_losses = {}
@@ -117,7 +145,7 @@ class Router(nn.Module):
         # has a current graph task): count each routing once.
         if self.record_metrics and torch._C._current_graph_task_id() == -1:
             self._split_counters("train" if self.training else "eval", logits.device).update(
-                logits, weights, assigned, self.aux_losses)
+                logits, weights, assigned, self.aux_losses, probs=probs, log_normalizer=log_normalizer)
         return logits, weights
 
     # -- routing statistics (read by callbacks.RoutingStatsCallback) --------------------------
@@ -192,9 +220,9 @@ class TopKRouter(Router):
         return float(self.top_k)
 
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        top_vals, top_idx = logits.topk(self.top_k, dim=-1)
-        weights = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_vals, dim=-1))
-        assigned = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_idx, True)
+        top_vals, top_idx = top_k(logits, self.top_k)
+        weights = torch.zeros_like(logits).scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1))
+        assigned = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top_idx, True)
         if self.capacity_factor is not None:
             tokens = logits.shape[0]
             capacity = math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)

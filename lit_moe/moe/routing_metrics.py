@@ -63,8 +63,10 @@ class RoutingCounters:
         return self.tokens.device
 
     @torch.no_grad()
-    def update(self, logits: Tensor, weights: Tensor, assigned: Tensor, aux_losses: dict[str, Tensor]) -> None:
-        """Add one forward: logits, weights [T, E] fp32, `assigned` the router's chosen pairs."""
+    def update(self, logits: Tensor, weights: Tensor, assigned: Tensor, aux_losses: dict[str, Tensor],
+               probs: Tensor | None = None, log_normalizer: Tensor | None = None) -> None:
+        """Add one forward: logits, weights [T, E] fp32, `assigned` the router's chosen pairs;
+        softmax(logits) and logsumexp(logits) [T] when the router has computed them."""
         logits, weights = logits.detach(), weights.detach()
         active = weights != 0
         per_expert = active.sum(dim=0)
@@ -73,8 +75,13 @@ class RoutingCounters:
         # A fixed-size histogram by scatter-add: bincount would sync to size its output.
         per_token = active.sum(dim=-1)
         self.active_hist.scatter_add_(0, per_token, torch.ones_like(per_token))
-        # entr(p) = −p·log p with entr(0) = 0, so underflowed probabilities give no NaN.
-        self.entropy += torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum()
+        if probs is None or log_normalizer is None:
+            # entr(p) = −p·log p with entr(0) = 0, so underflowed probabilities give no NaN.
+            self.entropy += torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum()
+        else:
+            # −Σ p·log p = Σ_t lse_t − Σ p·z (log p = z − lse): one dot instead of a log per element.
+            # nansum: a −∞ logit has p = 0 and 0·(−∞) is NaN, where the entropy term is 0.
+            self.entropy += log_normalizer.detach().sum() - (probs.detach() * logits).nansum()
         self.dropped += (assigned & ~active).sum()
         self.load_balance += aux_losses["load_balance"].detach().float()
         self.z_loss += aux_losses["z_loss"].detach().float()
