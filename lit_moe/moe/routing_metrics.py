@@ -76,12 +76,10 @@ class RoutingCounters:
         per_token = active.sum(dim=-1)
         self.active_hist.scatter_add_(0, per_token, torch.ones_like(per_token))
         if probs is None or log_normalizer is None:
-            # entr(p) = −p·log p with entr(0) = 0, so underflowed probabilities give no NaN.
-            self.entropy += torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum()
-        else:
-            # −Σ p·log p = Σ_t lse_t − Σ p·z (log p = z − lse): one dot instead of a log per element.
-            # nansum: a −∞ logit has p = 0 and 0·(−∞) is NaN, where the entropy term is 0.
-            self.entropy += log_normalizer.detach().sum() - (probs.detach() * logits).nansum()
+            probs, log_normalizer = torch.softmax(logits.float(), dim=-1), torch.logsumexp(logits.float(), dim=-1)
+        # −Σ p·log p = Σ_t lse_t − Σ p·z (log p = z − lse): one product instead of a log per element.
+        # nansum: a −∞ logit has p = 0 and 0·(−∞) is NaN, where the entropy term is 0.
+        self.entropy += log_normalizer.detach().sum() - (probs.detach() * logits).nansum()
         self.dropped += (assigned & ~active).sum()
         self.load_balance += aux_losses["load_balance"].detach().float()
         self.z_loss += aux_losses["z_loss"].detach().float()
