@@ -44,7 +44,7 @@ def _timed(function):
     return run
 
 
-for _name in ("_mkl_forward", "_mkl_backward", "_loop_forward", "_loop_backward"):
+for _name in ("_expert_forward", "_expert_backward", "_mkl_forward", "_mkl_backward", "_loop_forward", "_loop_backward"):
     setattr(grouped_matmul, _name, _timed(getattr(grouped_matmul, _name)))
 
 

@@ -3,24 +3,47 @@ finite differences."""
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 
 import pytest
 import torch
 
 from lit_moe.moe import grouped_matmul as grouped_matmul_module
-from lit_moe.moe.grouped_matmul import _GRADIENT_STORAGE, _gemm_batch, grouped_matmul, supports_grouped_matmul
+from lit_moe.moe.grouped_matmul import (_GRADIENT_STORAGE, _expert_gemm, _gemm_batch, grouped_matmul,
+                                        supports_grouped_matmul)
 
 
-@pytest.fixture(params=["mkl_batch", "loop"], autouse=True)
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return " avx512f" in cpuinfo.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["expert_gemm", "mkl_batch", "loop"], autouse=True)
 def backend(request, monkeypatch):
-    """Every test runs on both: MKL's grouped GEMM (one call for all experts) and the loop of
-    torch.mm calls that builds without MKL take."""
+    """Every test runs on all three: our expert GEMM (expert_gemm.c, fp32), MKL's grouped GEMM
+    (one call for all experts) and the loop of torch.mm calls that builds without either take."""
+    if request.param == "expert_gemm":
+        if _expert_gemm() is None:
+            pytest.skip("expert_gemm.c cannot run here (needs x86-64 with AVX-512F and a C compiler)")
+        return request.param
+    monkeypatch.setattr(grouped_matmul_module, "_expert_gemm", lambda: None)
     if request.param == "loop":
         monkeypatch.setattr(grouped_matmul_module, "_gemm_batch", lambda dtype: None)
     elif _gemm_batch(torch.float32) is None or _gemm_batch(torch.float64) is None:
         pytest.skip("this torch build exports no MKL cblas_?gemm_batch")
     return request.param
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not _cpu_has_avx512() or os.environ.get("LIT_MOE_NO_EXPERT_GEMM"),
+                    reason="expert_gemm.c needs an x86-64 CPU with AVX-512F")
+def test_expert_gemm_is_built_where_the_cpu_has_avx512(backend):
+    if backend == "expert_gemm":  # the fixture's other params replace it with None
+        assert _expert_gemm() is not None
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not torch.backends.mkl.is_available(),
@@ -142,13 +165,94 @@ def test_non_contiguous_inputs_and_weights():
         torch.testing.assert_close(w.grad, w_ref.grad)
 
 
-def test_grouped_gemm_only_for_small_expert_blocks(backend):
-    """Large blocks (≥ 512 rows per active expert on average) take the loop of multi-threaded
-    matmuls, which measured faster there; idle experts do not count."""
+def test_backend_choice(backend):
+    """fp32 takes expert_gemm.c for every block size where it runs. Otherwise MKL's grouped GEMM
+    takes small blocks (< 512 rows per active expert on average; idle experts do not count) and
+    large blocks take the loop of multi-threaded matmuls, which measured faster there."""
     from lit_moe.moe.grouped_matmul import _backend
 
     x = torch.randn(1, 4)
-    fast = grouped_matmul_module._gemm_batch(torch.float32)
-    assert _backend(x, [0, 300, 300, 800]) is fast  # 400 rows per active expert
-    assert _backend(x, [0, 600, 600, 1200]) is None
     assert _backend(x, [0, 0]) is None
+    if backend == "expert_gemm":
+        assert _backend(x, [0, 300, 300, 800]) == ("expert", _expert_gemm())
+        assert _backend(x, [0, 600, 600, 1200]) == ("expert", _expert_gemm())
+        x = x.double()  # fp64 is not in expert_gemm.c: MKL's grouped GEMM for small blocks
+    mkl = grouped_matmul_module._gemm_batch(x.dtype)
+    assert _backend(x, [0, 300, 300, 800]) == (None if mkl is None else ("mkl", mkl))  # 400 rows per active expert
+    assert _backend(x, [0, 600, 600, 1200]) is None
+
+
+# Shapes around expert_gemm.c's blocking: 8-row tiles, 32-column panels, depth blocks of 256,
+# column blocks of 256, groups split in row ranges of at most 256.
+_AWKWARD_SHAPES = [
+    # (rows per expert, d, n)
+    ([1, 7, 0, 9], 5, 3),
+    ([8, 16, 33], 32, 32),
+    ([300, 13, 0, 257], 24, 17),
+    ([40, 3], 520, 70),  # d > 256: more than one depth block in forward and input gradient
+    ([5, 600], 48, 300),  # n > 256: more than one column block; 600 rows: split over threads
+    ([130, 127], 64, 16),  # whole 64-byte rows: the weight gradient is streamed out
+]
+
+
+@pytest.mark.parametrize("counts, d, n", _AWKWARD_SHAPES)
+def test_awkward_shapes_against_float64(counts, d, n, backend):
+    """Forward and all gradients in fp32 against the same products in float64 (an independent
+    computation: torch's own float64 matmuls on the gathered rows, expert by expert)."""
+    torch.manual_seed(sum(counts) + d + n)
+    counts = torch.tensor(counts)
+    pairs = int(counts.sum())
+    x = torch.randn(pairs + 3, d, requires_grad=True)
+    index = torch.randint(0, pairs + 3, (pairs,))
+    weights = [torch.randn(len(counts), d, n, requires_grad=True) for _ in range(2)]
+    outs = grouped_matmul(x, tuple(weights), counts, index=index)
+    upstream = [torch.randn_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, [x, *weights], upstream)
+
+    x64, w64 = x.detach().double().requires_grad_(), [w.detach().double().requires_grad_() for w in weights]
+    rows = x64[index].split(counts.tolist())
+    refs = [torch.cat([r @ w[e] for e, r in enumerate(rows)]) for w in w64]
+    ref_grads = torch.autograd.grad(refs, [x64, *w64], [u.double() for u in upstream])
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_expert_gemm_build_is_atomic_and_reused(tmp_path, backend):
+    """The library is written to a temporary name and renamed; a second build reuses it; a
+    compiler that fails leaves nothing behind and makes `_expert_gemm` fall back to None."""
+    from lit_moe.moe.grouped_matmul import _build_expert_gemm
+
+    if backend != "expert_gemm":
+        pytest.skip("one run is enough")
+    source = tmp_path / "kernel.c"
+    source.write_text("int lm_expert_gemm_supported(void) { return 0; }\n")
+    compiler = os.environ.get("CC") or "cc"
+    built = _build_expert_gemm(source, tmp_path / "cache", compiler)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [built.name]
+    stamp = built.stat().st_mtime_ns
+    assert _build_expert_gemm(source, tmp_path / "cache", compiler) == built and built.stat().st_mtime_ns == stamp
+
+    source.write_text("this is not C\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        _build_expert_gemm(source, tmp_path / "broken", compiler)
+    assert list((tmp_path / "broken").iterdir()) == []
+
+
+def test_expert_gemm_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch, backend):
+    if backend != "expert_gemm":
+        pytest.skip("one run is enough")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LIT_MOE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(grouped_matmul_module.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    _expert_gemm.cache_clear()
+    try:
+        assert _expert_gemm() is None
+        counts = torch.tensor([2, 1])
+        x, w = torch.randn(3, 4), torch.randn(2, 4, 5)
+        (out,) = grouped_matmul(x, (w,), counts)  # the MKL or loop path takes over
+        torch.testing.assert_close(out, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]))
+    finally:
+        monkeypatch.undo()
+        _expert_gemm.cache_clear()
