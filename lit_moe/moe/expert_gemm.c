@@ -30,22 +30,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#ifndef KC
-#define KC 256
-#endif
-#ifndef NC
-#define NC 256
-#endif
-#ifndef PREFETCH
-#define PREFETCH 1
-#endif
-#ifndef UNIT_ROWS
-#define UNIT_ROWS 256
-#endif
-#ifndef MC
-#define MC 128
-#endif
-enum { MR = 8, NR = 32, MAX_THREADS = 64 };
+/* Register tile MR x NR; depth, row and column blocks KC, MC, NC (packed A block KC x MC in L2,
+   packed B block KC x NC in L2); groups are split into row ranges of at most UNIT_ROWS. */
+enum { MR = 8, NR = 32, KC = 256, MC = 128, NC = 256, UNIT_ROWS = 256, MAX_THREADS = 64 };
 
 /* 8x8 transpose: dst[c*ldd + r] = src[r*lds + c]. */
 static inline void transpose8(const float *src, long lds, float *dst, long ldd) {
@@ -243,7 +230,7 @@ static void unit_gemm(const job_t *job, int u) {
             const int cols = nc - q * NR;
             for (int i0 = i1; i0 < i1 + mc; i0 += MR) {
               const int mr = i1 + mc - i0 < MR ? i1 + mc - i0 : MR;
-              if (PREFETCH) prefetch_lines(&next, per_call);
+              prefetch_lines(&next, per_call);
               micro_kernel(kc, job->ap + (i0 - i1) * kc, job->bp + q * kc * NR, c + (long)i0 * job->ldc + j0 + q * NR,
                            job->ldc, mr, column_mask(cols), column_mask(cols - 16), !first, job->stream && last);
             }

@@ -134,6 +134,16 @@ def _build_expert_gemm(source: Path, cache: Path, compiler: str) -> Path:
     return target
 
 
+def _cpu_may_have_avx512() -> bool:
+    """False where /proc/cpuinfo says the CPU lacks AVX-512F; True where it has it or where
+    there is no /proc/cpuinfo (the library's own CPUID check decides then)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return " avx512f" in cpuinfo.read()
+    except OSError:
+        return True
+
+
 @functools.cache
 def _expert_gemm():
     """`lm_expert_gemm` from expert_gemm.c, or None where it cannot run.
@@ -143,6 +153,8 @@ def _expert_gemm():
     so its parallel regions use torch's worker threads. Checked once on small products of every
     layout against torch before use. LIT_MOE_NO_EXPERT_GEMM=1 turns it off."""
     if os.environ.get("LIT_MOE_NO_EXPERT_GEMM") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if not _cpu_may_have_avx512():  # before loading: the library is compiled for AVX-512 throughout
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     source = Path(__file__).with_name("expert_gemm.c")
