@@ -38,6 +38,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,11 +149,13 @@ def _cpu_may_have_avx512() -> bool:
 def _expert_gemm():
     """`lm_expert_gemm` from expert_gemm.c, or None where it cannot run.
 
-    Needs an x86-64 CPU with AVX-512F and a C compiler with OpenMP (`CC`, else cc / gcc). The
+    Needs Linux on an x86-64 CPU with AVX-512F and a C compiler with OpenMP (`CC`, else cc / gcc). The
     library is linked against libgomp.so.1, which resolves to the copy torch has already loaded,
     so its parallel regions use torch's worker threads. Checked once on small products of every
     layout against torch before use. LIT_MOE_NO_EXPERT_GEMM=1 turns it off."""
-    if os.environ.get("LIT_MOE_NO_EXPERT_GEMM") or platform.machine().lower() not in ("x86_64", "amd64"):
+    if os.environ.get("LIT_MOE_NO_EXPERT_GEMM"):
+        return None
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
         return None
     if not _cpu_may_have_avx512():  # before loading: the library is compiled for AVX-512 throughout
         return None
