@@ -3,9 +3,7 @@ finite differences."""
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
 
 import pytest
 import torch
@@ -29,14 +27,6 @@ def backend(request, monkeypatch):
     elif _gemm_batch(torch.float32) is None or _gemm_batch(torch.float64) is None:
         pytest.skip("this torch build exports no MKL cblas_?gemm_batch")
     return request.param
-
-
-@pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo")
-                    or " avx512f" not in open("/proc/cpuinfo").read() or os.environ.get("LIT_MOE_NO_EXPERT_GEMM"),
-                    reason="expert_gemm.c needs an x86-64 CPU with AVX-512F")
-def test_expert_gemm_is_built_where_the_cpu_has_avx512(backend):
-    if backend == "expert_gemm":  # the fixture's other params replace it with None
-        assert _expert_gemm() is not None
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not torch.backends.mkl.is_available(),
@@ -180,11 +170,11 @@ def test_backend_choice(backend):
 _AWKWARD_SHAPES = [
     # (rows per expert, d, n)
     ([1, 7, 0, 9], 5, 3),
-    ([8, 16, 33], 32, 32),
+    ([8, 16, 33], 32, 32),  # whole 32-column panels: the weight gradient is streamed out
     ([300, 13, 0, 257], 24, 17),
     ([40, 3], 520, 70),  # d > 256: more than one depth block in forward and input gradient
     ([5, 600], 48, 300),  # n > 256: more than one column block; 600 rows: split over threads
-    ([130, 127], 64, 16),  # whole 64-byte rows: the weight gradient is streamed out
+    ([130, 127], 64, 64),  # streamed weight gradient, and 130 rows: two 128-row blocks
 ]
 
 
@@ -210,42 +200,3 @@ def test_awkward_shapes_against_float64(counts, d, n, backend):
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
     for grad, ref in zip(grads, ref_grads):
         torch.testing.assert_close(grad.double(), ref, rtol=1e-5, atol=1e-4)
-
-
-def test_expert_gemm_build_is_atomic_and_reused(tmp_path, backend):
-    """The library is written to a temporary name and renamed; a second build reuses it; a
-    compiler that fails leaves nothing behind and makes `_expert_gemm` fall back to None."""
-    from lit_moe.moe.grouped_matmul import _build_expert_gemm
-
-    if backend != "expert_gemm":
-        pytest.skip("one run is enough")
-    source = tmp_path / "kernel.c"
-    source.write_text("int lm_expert_gemm_supported(void) { return 0; }\n")
-    compiler = os.environ.get("CC") or "cc"
-    built = _build_expert_gemm(source, tmp_path / "cache", compiler)
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [built.name]
-    stamp = built.stat().st_mtime_ns
-    assert _build_expert_gemm(source, tmp_path / "cache", compiler) == built and built.stat().st_mtime_ns == stamp
-
-    source.write_text("this is not C\n")
-    with pytest.raises(subprocess.CalledProcessError):
-        _build_expert_gemm(source, tmp_path / "broken", compiler)
-    assert list((tmp_path / "broken").iterdir()) == []
-
-
-def test_expert_gemm_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch, backend):
-    if backend != "expert_gemm":
-        pytest.skip("one run is enough")
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("LIT_MOE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(grouped_matmul_module.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    _expert_gemm.cache_clear()
-    try:
-        assert _expert_gemm() is None
-        counts = torch.tensor([2, 1])
-        x, w = torch.randn(3, 4), torch.randn(2, 4, 5)
-        (out,) = grouped_matmul(x, (w,), counts)  # the MKL or loop path takes over
-        torch.testing.assert_close(out, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]))
-    finally:
-        monkeypatch.undo()
-        _expert_gemm.cache_clear()
