@@ -69,33 +69,30 @@ static void pack_transposed(const float *src, long lds, int rows, int kc, float 
     for (int p = 0; p < kc; p++) dst[p * width + w] = w < rows ? src[w * lds + p] : 0.0f;
 }
 
-/* dst[p*width + w] = src[p*lds + w] for w < cols, zero for w in [cols, width); width = 8 or 32. */
+/* Lanes [0, valid) of a 16-float vector. */
+static inline __mmask16 column_mask(int valid) {
+  return valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
+}
+
+/* B into panels of NR columns: dst[(q*kc + p)*NR + w] = src[p*lds + q*NR + w], zero where
+   q*NR + w >= cols. Source rows are read whole and in order. */
 static void pack_panels(const float *src, long lds, int cols, int kc, float *dst) {
-  /* dst panel q: kc x NR, from src columns q*NR ...; source rows read whole, in order */
   const int panels = (cols + NR - 1) / NR;
   for (int p = 0; p < kc; p++)
     for (int q = 0; q < panels; q++) {
-      const int valid = cols - q * NR;
-      const float *s = src + p * lds + q * NR;
-      float *d = dst + (q * kc + p) * NR;
-      _mm512_store_ps(d, _mm512_maskz_loadu_ps(valid >= 16 ? 0xFFFF : (__mmask16)((1u << valid) - 1), s));
-      _mm512_store_ps(d + 16, _mm512_maskz_loadu_ps(valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : (__mmask16)((1u << (valid - 16)) - 1), s + 16));
+      const float *from = src + p * lds + q * NR;
+      float *to = dst + (q * kc + p) * NR;
+      _mm512_store_ps(to, _mm512_maskz_loadu_ps(column_mask(cols - q * NR), from));
+      _mm512_store_ps(to + 16, _mm512_maskz_loadu_ps(column_mask(cols - q * NR - 16), from + 16));
     }
 }
 
-static void pack_rows(const float *src, long lds, int cols, int kc, float *dst, int width) {
-  for (int part = 0; part < width; part += 16) {
-    int valid = cols - part;
-    __mmask16 mask = valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
-    if (width == 8) mask &= 0xFF;
-    for (int p = 0; p < kc; p++) {
-      __m512 v = _mm512_maskz_loadu_ps(mask, src + p * lds + part);
-      if (width == 8)
-        _mm256_storeu_ps(dst + p * width, _mm512_castps512_ps256(v));
-      else
-        _mm512_storeu_ps(dst + p * width + part, v);
-    }
-  }
+/* A tile of the transposed layout: dst[p*MR + w] = src[p*lds + w] for w < cols (<= MR), zero
+   beyond. */
+static void pack_tile_rows(const float *src, long lds, int cols, int kc, float *dst) {
+  const __mmask16 mask = column_mask(cols) & 0xFF;
+  for (int p = 0; p < kc; p++)
+    _mm256_storeu_ps(dst + p * MR, _mm512_castps512_ps256(_mm512_maskz_loadu_ps(mask, src + p * lds)));
 }
 
 /* C[mr x NR] (+)= Ap[kc x MR]^T-as-rows @ Bp[kc x NR]; rows >= mr and masked-off columns untouched. */
@@ -127,10 +124,6 @@ static inline void micro_kernel(int kc, const float *ap, const float *bp, float 
       _mm512_mask_storeu_ps(ci + 16, m1, x1[i]);
     }
   }
-}
-
-static inline __mmask16 column_mask(int valid) {
-  return valid >= 16 ? 0xFFFF : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
 }
 
 /* A unit of work: rows [i0, i1) of group g's result (large groups are split so that the
@@ -222,7 +215,7 @@ static void unit_gemm(const job_t *job, int u) {
             const int mr = i1 + mc - i0 < MR ? i1 + mc - i0 : MR;
             float *ap = job->ap + (i0 - i1) * kc;
             if (layout == 1)
-              pack_rows(a + (long)p0 * job->lda + i0, job->lda, mr, kc, ap, MR);
+              pack_tile_rows(a + (long)p0 * job->lda + i0, job->lda, mr, kc, ap);
             else
               pack_transposed(a + (long)i0 * job->lda + p0, job->lda, mr, kc, ap, MR);
           }
