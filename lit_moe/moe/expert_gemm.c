@@ -19,7 +19,8 @@
      second core for a while after every torch op, and the two pools took turns on it.
 
    One call runs G groups. Group g computes C_g = sum over segments s of op(A_sg) @ op(B_sg),
-   with M = m[g] rows, N = n columns (shared), K = k[s*G + g]; C_g is overwritten.
+   with M = m[g] rows, N = n columns (shared), K = k[s*G + g]; C_g is overwritten, or added to
+   when `accumulate` is set (a caller's further terms with other leading dimensions).
    Layouts (all row-major, leading dimensions shared by all groups and segments):
      0 NN: A[i,p] = a[i*lda + p],  B[p,j] = b[p*ldb + j]   (expert forward)
      1 TN: A[i,p] = a[p*lda + i],  B[p,j] = b[p*ldb + j]   (weight gradient x^T @ grad)
@@ -133,7 +134,7 @@ typedef struct {
 } unit_t;
 
 typedef struct {
-  int layout, stream, groups, segments, n;
+  int layout, stream, accumulate, groups, segments, n;
   const int *k;
   const int64_t *a, *b, *c;
   long lda, ldb, ldc;
@@ -189,7 +190,7 @@ static void unit_gemm(const job_t *job, int u) {
   float *c = (float *)job->c[g];
   for (int j0 = 0; j0 < n; j0 += NC) {
     const int nc = n - j0 < NC ? n - j0 : NC, panels = (nc + NR - 1) / NR;
-    int first = 1;
+    int first = !job->accumulate;
     for (int s = 0; s < job->segments; s++) {
       const int k = job->k[s * job->groups + g];
       const float *a = (const float *)job->a[s * job->groups + g], *b = (const float *)job->b[s * job->groups + g];
@@ -238,11 +239,9 @@ static void unit_gemm(const job_t *job, int u) {
   }
 }
 
-static void *run_job(void *arg) {
-  job_t *job = (job_t *)arg;
+static void run_job(const job_t *job) {
   for (int u = job->u0; u < job->u1; u++) unit_gemm(job, u);
   if (job->stream) _mm_sfence(); /* make the non-temporal stores visible before returning */
-  return 0;
 }
 
 int lm_expert_gemm_supported(void) {
@@ -279,9 +278,9 @@ static void put_buffers(job_t *jobs, int threads, int owned) {
 
 /* Returns 0 on success, -1 if memory for the work list or packing buffers could not be
    allocated (nothing was computed then). */
-int lm_expert_gemm(int layout, int stream, int groups, int segments, const int *m, int n, const int *k,
-                   const int64_t *a, long lda, const int64_t *b, long ldb, const int64_t *c, long ldc,
-                   int threads) {
+int lm_expert_gemm(int layout, int stream, int accumulate, int groups, int segments, const int *m, int n,
+                   const int *k, const int64_t *a, long lda, const int64_t *b, long ldb, const int64_t *c,
+                   long ldc, int threads) {
   if (threads < 1) threads = 1;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   int count = 0;
@@ -315,7 +314,7 @@ int lm_expert_gemm(int layout, int stream, int groups, int segments, const int *
     const int u0 = u;
     const double target = total * (t + 1) / threads;
     while (u < count && (t == threads - 1 || done + 0.5 * work[u] <= target)) done += work[u++];
-    jobs[t] = (job_t){layout, stream, groups, segments, n, k, a, b, c, lda, ldb, ldc, units, u0, u, 0, 0};
+    jobs[t] = (job_t){layout, stream, accumulate, groups, segments, n, k, a, b, c, lda, ldb, ldc, units, u0, u, 0, 0};
   }
   int owned, status = get_buffers(jobs, threads, &owned);
   if (status == 0) {

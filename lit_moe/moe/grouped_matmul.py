@@ -95,11 +95,11 @@ def _backend(x: Tensor, bounds: list[int]) -> tuple[str, object] | None:
 
     kind "expert": `expert_gemm.c` (fp32); "mkl": MKL's grouped GEMM, while experts average
     fewer than `_BATCH_MAX_ROWS` rows."""
-    active = sum(1 for e in range(len(bounds) - 1) if bounds[e] < bounds[e + 1])
-    if not active:
+    if not bounds[-1]:  # no rows at all
         return None
     if x.dtype == torch.float32 and (function := _expert_gemm()) is not None:
         return "expert", function
+    active = sum(1 for e in range(len(bounds) - 1) if bounds[e] < bounds[e + 1])
     if bounds[-1] >= _BATCH_MAX_ROWS * active or (function := _gemm_batch(x.dtype)) is None:
         return None
     return "mkl", function
@@ -178,22 +178,24 @@ def _expert_gemm():
         return None
     function = library.lm_expert_gemm
     function.restype = ctypes.c_int
-    # layout, stream, groups, segments, m, n, k, a, lda, b, ldb, c, ldc, threads
-    function.argtypes = ([ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    # layout, stream, accumulate, groups, segments, m, n, k, a, lda, b, ldb, c, ldc, threads
+    function.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
                          + [ctypes.c_void_p, ctypes.c_long] * 3 + [ctypes.c_int])
     return function if _expert_gemm_self_check(function) else None
 
 
 def _expert_call(function, layout: int, stream: bool, m: Tensor, n: int, k: list[Tensor], a: list[Tensor], lda: int,
-                 b: list[Tensor], ldb: int, c: Tensor, ldc: int) -> None:
+                 b: list[Tensor], ldb: int, c: Tensor, ldc: int, accumulate: bool = False) -> None:
     """One `lm_expert_gemm` call: groups G = len(m); per segment s, k[s], a[s], b[s] [G] (the
-    matrices' addresses, `_pointers`); C_g = Σ_s op(A_sg) @ op(B_sg), overwritten."""
+    matrices' addresses, `_pointers`); C_g = Σ_s op(A_sg) @ op(B_sg), overwritten (added to C_g
+    with `accumulate`)."""
     ints = torch.cat([m.to(torch.int32), *(v.to(torch.int32) for v in k)]).contiguous()
     addresses = torch.cat([*a, *b, c]).to(torch.int64).contiguous()
     groups, segments = m.shape[0], len(k)
-    status = function(layout, int(stream), groups, segments, ints.data_ptr(), n, ints.data_ptr() + 4 * groups,
-                      addresses.data_ptr(), lda, addresses.data_ptr() + 8 * groups * segments, ldb,
-                      addresses.data_ptr() + 16 * groups * segments, ldc, torch.get_num_threads())
+    status = function(layout, int(stream), int(accumulate), groups, segments, ints.data_ptr(), n,
+                      ints.data_ptr() + 4 * groups, addresses.data_ptr(), lda,
+                      addresses.data_ptr() + 8 * groups * segments, ldb, addresses.data_ptr() + 16 * groups * segments,
+                      ldc, torch.get_num_threads())
     if status != 0:
         raise MemoryError("expert_gemm: out of memory for its work list or packing buffers")
 
@@ -339,17 +341,16 @@ def _expert_backward(function, groups: tuple[Tensor, Tensor, Tensor], rows: Tens
     if d_x_rows is None:
         return
     # dx_e = Σ_i grad_i,e @ W_i[e]^T: one call sums the weights' terms while the expert's rows
-    # are in cache (one segment per weight), where they share a width.
+    # are in cache (one segment per weight), where they share a width; else one call per
+    # weight, each after the first adding to dx.
     widths = {g.shape[1] for g in grad_outs}
     parts = [list(zip(weights, grad_outs))] if len(widths) == 1 else [[pair] for pair in zip(weights, grad_outs)]
     for i, part in enumerate(parts):
         n = part[0][1].shape[1]
-        target = d_x_rows if i == 0 else torch.empty_like(d_x_rows)
         _expert_call(function, 2, False, count, d, [torch.full_like(count, n)] * len(part),
                      [_pointers(g, first * n) for _, g in part], n,
-                     [_pointers(w, experts * w[0].numel()) for w, _ in part], n, _pointers(target, first * d), d)
-        if i:
-            d_x_rows.add_(target)
+                     [_pointers(w, experts * w[0].numel()) for w, _ in part], n, _pointers(d_x_rows, first * d), d,
+                     accumulate=i > 0)
 
 
 def _groups(bounds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
