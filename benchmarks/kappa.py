@@ -25,7 +25,6 @@ from typing import Callable
 
 import torch
 
-from lit_moe.cpu_memory import retain_freed_memory
 from lit_moe.moe.layer import MoELayer
 
 ROUTER = {"class_path": "lit_moe.moe.TopKRouter", "init_args": {"top_k": 2}}
@@ -129,11 +128,7 @@ def main() -> None:
     parser.add_argument("--granularity", default="per_gate")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (1 is steadier on a busy machine)")
     parser.add_argument("--tiny_step_only", action="store_true", help="only the whole tiny training step")
-    parser.add_argument("--system_malloc", action="store_true",
-                        help="leave glibc malloc as it is (LitMoE on CPU retains freed memory by default)")
     args = parser.parse_args()
-    # As LitMoE does for a single-process CPU run unless model.retain_cpu_memory is false (lit_moe.cpu_memory).
-    retained = False if args.system_malloc else retain_freed_memory(True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -176,14 +171,13 @@ def main() -> None:
                "memory_ratio_fused": round(saved["fused"] / saved["plain"], 4),
                "params_ratio": round(sum(p.numel() for p in layers["fused"].parameters())
                                      / sum(p.numel() for p in layers["plain"].parameters()), 5),
-               "threads": torch.get_num_threads(), "malloc": "retained" if retained else "system"}
+               "threads": torch.get_num_threads()}
         if device.type == "cuda":
             peak = {name: cuda_peak_bytes(layer, x) for name, layer in layers.items()}
             row["peak_ratio_fused"] = round(peak["fused"] / peak["plain"], 4)
         print(json.dumps(row), flush=True)
     if device.type == "cpu":
-        print(json.dumps({**tiny_training_step(max(5, args.repeats)),
-                          "malloc": "retained" if retained else "system"}), flush=True)
+        print(json.dumps({**tiny_training_step(max(5, args.repeats))}), flush=True)
 
 
 if __name__ == "__main__":

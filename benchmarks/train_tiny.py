@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lit_moe.cpu_memory import retain_freed_memory
 from lit_moe.model import ModelConfig, Transformer
 from lit_moe.module import parameter_groups
 
@@ -75,11 +74,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--fit_steps", type=int, default=20)
     parser.add_argument("--no-fit", action="store_true")
-    parser.add_argument("--system_malloc", action="store_true",
-                        help="leave glibc malloc as it is (LitMoE on CPU retains freed memory by default)")
     args = parser.parse_args()
-    # As LitMoE does for a single-process CPU run unless model.retain_cpu_memory is false (lit_moe.cpu_memory).
-    retained = False if args.system_malloc else retain_freed_memory(True)
     torch.set_flush_denormal(True)  # as LitMoE does on CPU
     torch.manual_seed(0)
     cfg = tiny_config()
@@ -94,8 +89,7 @@ def main() -> None:
     m, d = max(moe_rates), max(dense_rates)
     print(json.dumps({"config": "conf/tiny.yaml", "moe_active_params": moe.num_params()["active"],
                       "dense_params": dense.num_params()["total"], "moe_tokens_per_s": round(m),
-                      "dense_tokens_per_s": round(d), "ratio": round(m / d, 3), "target": ">= 0.8",
-                      "malloc": "retained" if retained else "system"}), flush=True)
+                      "dense_tokens_per_s": round(d), "ratio": round(m / d, 3), "target": ">= 0.8"}), flush=True)
     if not args.no_fit:
         print(json.dumps({"fit_steps": args.fit_steps, "fit_peak_rss_gb": round(fit_peak_rss_gb(args.fit_steps), 3),
                           "target": "< 4"}), flush=True)

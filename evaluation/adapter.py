@@ -27,7 +27,6 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from lit_moe.cpu_memory import retaining_freed_memory
 from lit_moe.errors import ConfigError
 from lit_moe.model import Transformer
 from lit_moe.moe.router import Router
@@ -218,16 +217,13 @@ class LitMoELM(TemplateLM):
     @contextmanager
     def _scoring(self) -> Iterator[None]:
         """No gradients, and routers keep no statistics (scoring is not validation: it must not
-        count in the eval routing window, and the counters and aux losses cost time); on CPU,
-        freed memory is retained while scoring."""
+        count in the eval routing window, and the counters and aux losses cost time)."""
         routers = [m for m in self.model.modules() if isinstance(m, Router)]
         recording = [router.record_metrics for router in routers]
         for router in routers:
             router.record_metrics = False
         try:
-            # Large per-batch tensors (logits [n, vocab]) reuse freed heap memory on CPU
-            # instead of page-faulting fresh pages in every batch (`lit_moe.cpu_memory`).
-            with torch.no_grad(), retaining_freed_memory(self._device.type == "cpu"):
+            with torch.no_grad():
                 yield
         finally:
             for router, record in zip(routers, recording):

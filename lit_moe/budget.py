@@ -71,6 +71,11 @@ class GlobalExpertBudget(nn.Module):
     def forward(self) -> Tensor:
         return self.k()
 
+    def max_k(self) -> float:
+        """The largest k_l this budget can give a layer, known on the host: K − L + 1 when
+        learnable (softmax tending to one-hot), K/L when fixed."""
+        return self.total - self.num_layers + 1 if self.learnable else self.total / self.num_layers
+
     @torch.no_grad()
     def check_invariant(self, atol: float = 1e-4) -> float:
         """Return Σ_l k_l; raise RuntimeError if it is not K within ``atol`` (or not finite)."""

@@ -211,9 +211,12 @@ def _cheap_checks_allowed() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _prepare(scores: Tensor, k: float | Tensor, alpha: float | Tensor, cap: float | None
-             ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Validate; return (rows r [N, E], k per row [N], 0-d α, top scores needed m)."""
+def _prepare(scores: Tensor, k: float | Tensor, alpha: float | Tensor, cap: float | None,
+             k_max: float | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Validate; return (rows r [N, E], k per row [N], 0-d α, top scores needed m).
+
+    k_max: a host-known upper bound of a tensor k (e.g. a budget's largest k_l): m then comes
+    from it and k's value is never read (no host sync)."""
     if scores.dim() < 1 or scores.shape[-1] < 1:
         raise ValueError(
             f"soft_topk: scores need a non-empty last dim, got shape {tuple(scores.shape)}"
@@ -224,8 +227,12 @@ def _prepare(scores: Tensor, k: float | Tensor, alpha: float | Tensor, cap: floa
     check = _cheap_checks_allowed()
 
     if isinstance(k, Tensor):
-        m = E  # without reading k, only a full sort is safe
-        if check and k.numel() > 0:
+        m = E  # without reading k or a bound of it, only a full sort is safe
+        if k_max is not None:
+            if not 0 < k_max < E:
+                raise ValueError(f"soft_topk: k_max must lie in (0, E) = (0, {E}); got k_max={k_max}")
+            m = _top_count(E, float(k_max), cap)
+        elif check and k.numel() > 0:
             kmin, kmax = (v.item() for v in torch.aminmax(k.detach().double()))
             if not (kmin > 0 and kmax < E):
                 raise ValueError(
@@ -252,7 +259,7 @@ def _prepare(scores: Tensor, k: float | Tensor, alpha: float | Tensor, cap: floa
     return scores.to(dtype).reshape(-1, E), k_rows, alpha_t, m
 
 
-def soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+def soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0, k_max: float | None = None) -> Tensor:
     """LapSum soft top-k along the last dim: p = F((scores − b)/α) with Σ p = k per row.
 
     scores: [..., E], any float dtype (computed in fp32, or fp64 for fp64 input; the result
@@ -264,20 +271,22 @@ def soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0) ->
     checked; tensor k / alpha are checked with one min/max read, skipped under
     torch.compile (out-of-range values then give meaningless weights, not an error).
     When k < (E − 1)/2 is known (a float, or a checked tensor) the threshold comes from the
-    top ⌊2k⌋ + 1 scores (a partial sort); otherwise from a full sort.
+    top ⌊2k⌋ + 1 scores (a partial sort); otherwise from a full sort. ``k_max``: a host-known
+    bound of a tensor k; then k is neither read nor checked, and the partial sort's size comes
+    from the bound (what a training step needs: no host sync).
     """
-    r, k_rows, alpha_t, m = _prepare(scores, k, alpha, None)
+    r, k_rows, alpha_t, m = _prepare(scores, k, alpha, None, k_max)
     p, _ = _SoftTopK.apply(r, k_rows, alpha_t, m)
     return p.reshape(scores.shape).to(scores.dtype)
 
 
 def sparse_soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0, theta: float = 1.8,
-                     cap: float = 2.0) -> Tensor:
+                     cap: float = 2.0, k_max: float | None = None) -> Tensor:
     """``truncate(soft_topk(scores, k, alpha), k, theta, cap)`` in one pass: the truncation
     reuses the soft top-k's ranking of the scores (p is increasing in the score), so it
     needs no sort of its own. Same arguments, checks and gradients as the two calls."""
     _check_truncation(k, theta, cap)
-    r, k_rows, alpha_t, m = _prepare(scores, k, alpha, cap)
+    r, k_rows, alpha_t, m = _prepare(scores, k, alpha, cap, k_max)
     p, order = _SoftTopK.apply(r, k_rows, alpha_t, m)
     # k in fp64 as given (not the fp32 copy), so ⌈k·cap⌉ is the same as `truncate`'s.
     k64 = torch.broadcast_to(torch.as_tensor(k, device=r.device).detach().to(torch.float64), scores.shape[:-1])

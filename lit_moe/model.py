@@ -224,6 +224,9 @@ class Transformer(nn.Module):
             router.layer_name = f"layer {i:02d} router"
         self._tie_shared_expert_modules()
         self.budget: GlobalExpertBudget | None = self._build_budget(cfg)
+        if self.budget is not None:
+            for _, router in self.routers():
+                router.k_max = self.budget.max_k()
         self.reset_parameters()
 
     def _build_budget(self, cfg: ModelConfig) -> GlobalExpertBudget | None:

@@ -7,7 +7,6 @@ tokenizer JSON, so `load_checkpoint` rebuilds model and tokenizer from the file 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -22,7 +21,6 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lit_moe.cpu_memory import retaining_freed_memory
 from lit_moe.errors import ConfigError, NonFiniteLossError
 from lit_moe.model import ModelConfig, Transformer
 from lit_moe.rng import rng_state, set_rng_state
@@ -103,10 +101,6 @@ class LitMoE(L.LightningModule):
             and count it (`train/skipped_steps`). Checking costs one host sync per step.
         activation_checkpointing: recompute each Transformer block's activations in backward
             instead of storing them (less memory, about one more forward of compute).
-        retain_cpu_memory: in a single-process CPU run, keep freed heap memory in glibc for the
-            next step instead of unmapping it (`lit_moe.cpu_memory`: large tensors otherwise
-            page-fault in afresh every step). Process-wide while the run lasts; false leaves
-            malloc alone, as multi-process runs always do.
 
     Under `ModelParallelStrategy` (e.g. `lit_moe.distributed.FSDP2Strategy`) `configure_model`
     shards the model with FSDP2, block by block.
@@ -115,8 +109,7 @@ class LitMoE(L.LightningModule):
     def __init__(self, config: ModelConfig = ModelConfig(), lr: float = 3e-3,  # noqa: B008 (copied below)
                  min_lr_ratio: float = 0.1, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, schedule: Schedule = "cosine", decay_fraction: float = 0.2,
-                 nan_policy: NanPolicy = "stop", activation_checkpointing: bool = False,
-                 retain_cpu_memory: bool = True):
+                 nan_policy: NanPolicy = "stop", activation_checkpointing: bool = False):
         super().__init__()
         # A dict comes from a checkpoint's hyperparameters; copy so instances never share state.
         config = ModelConfig(**config) if isinstance(config, dict) else copy.deepcopy(config)
@@ -142,7 +135,6 @@ class LitMoE(L.LightningModule):
         self.val_ppl = Perplexity()
         self.tokenizer_json: str | None = None
         self._step_started: float | None = None
-        self._cpu_memory: contextlib.ExitStack | None = None  # holds `retaining_freed_memory` during a CPU run
 
     # -- data / checkpoint plumbing ---------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -152,13 +144,6 @@ class LitMoE(L.LightningModule):
             # into denormal floats, which CPUs process ~10× slower: measured 1.5 s → 11 s per
             # tiny step after a few steps. Flushing them to zero costs nothing in accuracy.
             torch.set_flush_denormal(True)
-            # Freed large blocks stay in glibc's heap for the next step instead of being
-            # unmapped and page-faulted in again (`lit_moe.cpu_memory`). Single-process runs
-            # only: sharded ranks (FSDP2 over gloo) need freed blocks returned, or their many
-            # short-lived collective buffers fragment the heap (benchmarks/fsdp_memory.py).
-            if self._cpu_memory is None and self.trainer.world_size == 1:
-                self._cpu_memory = contextlib.ExitStack()
-                self._cpu_memory.enter_context(retaining_freed_memory(self.hparams.retain_cpu_memory))
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.tokenizer_json is None and datamodule is not None and hasattr(datamodule, "tokenizer_json"):
             self.tokenizer_json = datamodule.tokenizer_json
@@ -174,9 +159,6 @@ class LitMoE(L.LightningModule):
     def teardown(self, stage: str) -> None:
         # Flushing denormals is process-global state; give it back when this run is done.
         torch.set_flush_denormal(False)
-        if self._cpu_memory is not None:
-            self._cpu_memory.close()
-            self._cpu_memory = None
 
     def _check_strategy(self, strategy: Any) -> None:
         from lightning.pytorch.strategies import FSDPStrategy

@@ -32,13 +32,15 @@ def _assert_same(fast, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _cpu_path(experts, path):
-    """grouped_matmul: the CPU fast path of `SwiGLUExperts.combine`; generic: gather +
-    `forward` (the grouped kernel) + scatter."""
-    experts.cpu_grouped_matmul = path == "grouped_matmul"
+def _cpu_path(experts, path, monkeypatch):
+    """grouped: `torch._grouped_mm` (the path GPUs run); loop: the per-expert fallback."""
+    import lit_moe.moe.experts as experts_module
+
+    if path == "loop":
+        monkeypatch.setattr(experts_module, "grouped_mm_supported", lambda *args: False)
 
 
-CPU_PATHS = pytest.mark.parametrize("path", ["grouped_matmul", "generic"])
+CPU_PATHS = pytest.mark.parametrize("path", ["grouped", "loop"])
 
 
 @CPU_PATHS
@@ -46,42 +48,55 @@ CPU_PATHS = pytest.mark.parametrize("path", ["grouped_matmul", "generic"])
 @given(tokens=st.integers(0, 40), num_experts=st.integers(1, 9), density=st.floats(0.0, 1.0),
        seed=st.integers(0, 2**16))
 def test_dispatch_matches_reference_on_arbitrary_sparse_weights(path, tokens, num_experts, density, seed):
-    """Any number of experts per token (0..E), idle experts, empty batches: fast == loop,
-    on each CPU path of `SwiGLUExperts.combine`."""
-    gen = torch.Generator().manual_seed(seed)
-    # d=8, h=4: 16-byte aligned, so the grouped kernel runs (6/5 would take the split loop).
-    experts = SwiGLUExperts(8, 4, num_experts)
-    _cpu_path(experts, path)
-    x = torch.randn(tokens, 8, generator=gen)
-    mask = torch.rand(tokens, num_experts, generator=gen) < density
-    weights = torch.rand(tokens, num_experts, generator=gen) * mask
-    _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))
+    """Any number of experts per token (0..E), idle experts, empty batches: fast == loop
+    reference, on the grouped kernel and on the per-expert fallback. Zero-weight pairs sit
+    past the last group, where the kernel leaves rows unwritten: their outputs and gradients
+    must still come out zero."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        gen = torch.Generator().manual_seed(seed)
+        # d=8, h=4: 16-byte aligned, so the grouped kernel runs.
+        experts = SwiGLUExperts(8, 4, num_experts)
+        _cpu_path(experts, path, monkeypatch)
+        x = torch.randn(tokens, 8, generator=gen)
+        mask = torch.rand(tokens, num_experts, generator=gen) < density
+        weights = torch.rand(tokens, num_experts, generator=gen) * mask
+        _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))
 
 
 @CPU_PATHS
 @pytest.mark.parametrize("num_experts,top_k", [(8, 2), (64, 2), (4, 4), (5, 1)])
-def test_dispatch_matches_reference_for_topk_routing(num_experts, top_k, path):
+def test_dispatch_matches_reference_for_topk_routing(num_experts, top_k, path, monkeypatch):
+    """Top-k's static pair list (T·k slots, no zero-weight skipping) against the loop reference."""
     torch.manual_seed(0)
     router = TopKRouter(16, num_experts, top_k=top_k)
     experts = SwiGLUExperts(16, 12, num_experts)
-    _cpu_path(experts, path)
+    _cpu_path(experts, path, monkeypatch)
     x = torch.randn(300, 16)
     weights = router(x).detach()
     assert torch.equal((weights > 0).sum(1), torch.full((300,), top_k))
-    _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))
+    fast = _grads(lambda *a: SortedDispatch()(*a, slots=router.slots, skip_zero=router.zero_slots),
+                  x, weights, experts)
+    _assert_same(fast, _grads(LoopDispatch(), x, weights, experts))
 
 
-def test_dispatch_split_loop_path_matches_reference(monkeypatch):
-    """The non-grouped fallback (old torch / other devices) is checked too."""
-    import lit_moe.moe.experts as experts_module
+def test_grouped_rows_past_the_last_group_are_zero_even_over_garbage():
+    """The grouped kernel leaves rows past ends[-1] unwritten; `grouped_mm` zeroes them, in the
+    output and in the input gradient, whatever the inputs hold there (here NaN)."""
+    from lit_moe.moe.experts import ExpertGroups, grouped_mm
 
-    monkeypatch.setattr(experts_module, "_use_grouped_mm", lambda x, hidden: False)
-    torch.manual_seed(1)
-    experts = SwiGLUExperts(8, 6, 5)
-    experts.cpu_grouped_matmul = False
-    x = torch.randn(50, 8)
-    weights = torch.rand(50, 5) * (torch.rand(50, 5) < 0.4)
-    _assert_same(_grads(SortedDispatch(), x, weights, experts), _grads(LoopDispatch(), x, weights, experts))
+    torch.manual_seed(0)
+    groups = ExpertGroups.from_counts(torch.tensor([3, 0, 2]), rows=8)
+    a = torch.randn(8, 16)
+    a[5:] = float("nan")
+    a.requires_grad_()
+    b = torch.randn(3, 16, 8, requires_grad=True)
+    out = grouped_mm(a, b, groups)
+    assert torch.equal(out[5:], torch.zeros(3, 8))
+    torch.testing.assert_close(out[:3], a[:3] @ b[0])
+    torch.testing.assert_close(out[3:5], a[3:5] @ b[2])
+    out.backward(torch.randn(8, 8))
+    assert torch.equal(a.grad[5:], torch.zeros(3, 16))
+    assert torch.isfinite(b.grad).all() and torch.equal(b.grad[1], torch.zeros(16, 8))
 
 
 def test_topk_weights_are_softmax_over_winners():

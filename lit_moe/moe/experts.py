@@ -1,44 +1,118 @@
-"""Expert banks: E SwiGLU MLPs stored as 3-D weights so they can run as one grouped matmul."""
+"""Expert banks: E SwiGLU MLPs stored as 3-D weights so they run as one grouped matmul.
+
+One path for every device and precision: the (token, expert) pairs' rows arrive grouped by
+expert with device-side group ends (`ExpertGroups`), and each of the three expert products is
+one `torch._grouped_mm` call in the compute dtype (the autocast dtype under `bf16-mixed`, else
+the input's). The per-expert loop is only the fallback for torch builds or shapes the grouped
+kernel does not take.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_moe.moe.grouped_matmul import grouped_matmul, supports_grouped_matmul
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype when autocast is on for x's device
+    (bf16 under Lightning's `bf16-mixed`), else x's own dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
-def _use_grouped_mm(x: Tensor, hidden: int) -> bool:
-    """Whether `torch._grouped_mm` can run this input.
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *dims: int) -> bool:
+    """Whether `torch._grouped_mm` takes this dtype on this device with these row widths.
 
-    CUDA: the fused kernel needs bf16 on compute capability ≥ 9.0 (Hopper and later).
-    CPU: recent torch ships a grouped fallback that, measured on 2 cores, runs about twice as
-    fast as a Python loop of per-expert matmuls (E=64), so it is used when present (on CPU
-    `combine` takes `grouped_matmul` for fp32 instead; this serves bf16 and the generic path).
-    The kernel also needs 16-byte-aligned row strides (d and h multiples of 16 / itemsize).
-    Anything else takes the split loop, which supports every dtype and device.
+    CUDA: bf16 on compute capability ≥ 9.0 (Hopper and later). CPU: fp32 and bf16 (torch's
+    own grouped fallback), so CPU tests run the code GPUs run. The kernel needs 16-byte
+    aligned row strides (d and h multiples of 16 / itemsize).
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if any(dim * x.element_size() % 16 for dim in (x.shape[-1], hidden)):
+    if any(dim * dtype.itemsize % 16 for dim in dims):
         return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
-def _row_experts(counts: Tensor, rows: int) -> Tensor:
-    """Expert id [rows] of each row of pairs grouped by expert (counts [E] per expert)."""
-    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=rows)
+@dataclass
+class ExpertGroups:
+    """Where each expert's rows sit in a batch of (token, expert) pairs sorted by expert.
+
+    ends: int32 [E], exclusive end row of each expert's group (what `torch._grouped_mm` takes
+        as `offs`); rows from ends[-1] on belong to no expert (dropped or zero-weight pairs).
+    expert: long [N], each row's expert id (clamped to E − 1 on rows past ends[-1]).
+    valid: bool [N, 1] marking the rows before ends[-1]; None when every row is valid.
+    """
+
+    ends: Tensor
+    expert: Tensor
+    valid: Tensor | None = None
+
+    @classmethod
+    def from_counts(cls, counts: Tensor, rows: int | None = None) -> "ExpertGroups":
+        """Groups from per-expert row counts [E] (tests and references; `rows` ≥ Σ counts pads)."""
+        ends = torch.cumsum(counts, 0).to(torch.int32)
+        rows = int(ends[-1]) if rows is None else rows
+        position = torch.arange(rows, device=counts.device)
+        expert = torch.searchsorted(ends, position.to(torch.int32), right=True).clamp_max(len(counts) - 1)
+        valid = None if rows == int(ends[-1]) else (position < ends[-1]).unsqueeze(1)
+        return cls(ends, expert, valid)
+
+    def sizes(self) -> list[int]:
+        """Rows per expert as host ints (a device sync: the loop fallback only)."""
+        return torch.diff(self.ends, prepend=self.ends.new_zeros(1)).tolist()
+
+
+class _GroupedMM(torch.autograd.Function):
+    """`torch._grouped_mm(a [N, k], b [E, k, n], offs=ends)` whose output rows and input
+    gradient rows past ends[-1] are zero.
+
+    The kernel leaves those rows unwritten (whatever memory held: possibly NaN), in forward
+    and in the input gradient of backward. Zeroing them here keeps every later product, the
+    κ parameters' gradients and the router's gradient clean, without computing them.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, ends: Tensor, valid: Tensor | None) -> Tensor:
+        ctx.save_for_backward(a, b, ends, valid)
+        out = torch._grouped_mm(a, b, offs=ends)
+        return out if valid is None else out.masked_fill_(~valid, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b, ends, valid = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch._grouped_mm(grad, b.transpose(-2, -1), offs=ends)
+            if valid is not None:
+                grad_a.masked_fill_(~valid, 0)
+        if ctx.needs_input_grad[1]:
+            # Groups along the reduction dim: [k, N] × [N, n] → [E, k, n], rows past ends[-1] unread.
+            grad_b = torch._grouped_mm(a.transpose(0, 1), grad, offs=ends)
+        return grad_a, grad_b, None, None
+
+
+def grouped_mm(a: Tensor, b: Tensor, groups: ExpertGroups) -> Tensor:
+    """Rows of a [N, k] times their expert's matrix of b [E, k, n] → [N, n] (same dtype)."""
+    if groups.valid is None:
+        return torch._grouped_mm(a, b, offs=groups.ends)
+    return _GroupedMM.apply(a, b, groups.ends, groups.valid)
 
 
 class Experts(nn.Module):
     """Base class for expert banks.
 
-    `forward(x_sorted, counts)`: x_sorted [N, d] holds the (token, expert) pairs' inputs
-    grouped by expert in expert order; counts [E] (long) gives each group's size.
+    `forward(x_sorted, groups, confidence=None)`: x_sorted [N, d] holds the (token, expert)
+    pairs' inputs grouped by expert (`ExpertGroups`); returns [N, d] in the compute dtype
+    (zero on rows past the last group).
     `expert_forward(e, x)`: one expert on its own, used by the reference dispatch in tests.
 
     Experts that need each pair's routing confidence (κ-SwiGLU) name the router's mode in
@@ -49,24 +123,11 @@ class Experts(nn.Module):
     num_experts: int
     confidence_mode: str | None = None
 
-    def forward(self, x_sorted: Tensor, counts: Tensor, confidence: Tensor | None = None) -> Tensor:
+    def forward(self, x_sorted: Tensor, groups: ExpertGroups, confidence: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def expert_forward(self, e: int, x: Tensor, confidence: Tensor | None = None) -> Tensor:
         raise NotImplementedError
-
-    def combine(self, x: Tensor, token_idx: Tensor, counts: Tensor, pair_weight: Tensor,
-                confidence: Tensor | None = None) -> Tensor:
-        """y [T, d]: each token's sum of pair_weight · expert(x[token]) over its pairs.
-
-        token_idx [N] and pair_weight [N]: the (token, expert) pairs grouped by expert (counts
-        [E] per expert); confidence [N] in the same order for experts that take one. This
-        generic path gathers, runs `forward` and scatter-adds; banks may fuse it.
-        """
-        x_sorted = x[token_idx]
-        y = self(x_sorted, counts) if confidence is None else self(x_sorted, counts, confidence=confidence)
-        y = y * pair_weight.unsqueeze(1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token_idx, y.to(x.dtype))
 
 
 class SwiGLUExperts(Experts):
@@ -97,58 +158,36 @@ class SwiGLUExperts(Experts):
     def expert_forward(self, e: int, x: Tensor, confidence: Tensor | None = None) -> Tensor:
         return (self.activation(x @ self.w_gate[e], confidence, e) * (x @ self.w_up[e])) @ self.w_down[e]
 
-    # CPU fp32/fp64 fast path of `combine` (`grouped_matmul`: gather fused into the gate/up
-    # matmuls, per-expert weight gradients written in place). False: the generic path.
-    cpu_grouped_matmul: bool = True
+    def forward(self, x_sorted: Tensor, groups: ExpertGroups, confidence: Tensor | None = None) -> Tensor:
+        # Rows and weight banks in the compute dtype once per forward (a no-op when they are
+        # already in it, e.g. bf16 weights under FSDP2's param_dtype).
+        dtype = compute_dtype(x_sorted)
+        x = x_sorted.to(dtype)
+        if grouped_mm_supported(dtype, x.device, x.shape[-1], self.w_gate.shape[-1]):
+            gate = grouped_mm(x, self.w_gate.to(dtype), groups)
+            up = grouped_mm(x, self.w_up.to(dtype), groups)
+            hidden = self.activation(gate, confidence, groups.expert if confidence is not None else None) * up
+            return grouped_mm(hidden, self.w_down.to(dtype), groups)
+        return self._loop_forward(x, groups, confidence, dtype)
 
-    def pair_activation_input(self, confidence: Tensor, counts: Tensor) -> Tensor:
-        """The pairs' confidence [N] as `activation` takes it (subclasses rescale it)."""
-        return confidence
-
-    def combine(self, x: Tensor, token_idx: Tensor, counts: Tensor, pair_weight: Tensor,
-                confidence: Tensor | None = None) -> Tensor:
-        if not (self.cpu_grouped_matmul and supports_grouped_matmul(x, self.w_gate, self.w_up, self.w_down)):
-            return super().combine(x, token_idx, counts, pair_weight, confidence)
-        expert = None
-        if confidence is not None:
-            confidence = self.pair_activation_input(confidence, counts)
-            expert = _row_experts(counts, token_idx.shape[0])
-        sizes = counts.tolist()
-        gate, up = grouped_matmul(x, (self.w_gate, self.w_up), sizes, index=token_idx)
-        hidden = self.activation(gate, confidence, expert) * up
-        weight = pair_weight.unsqueeze(1).to(up.dtype)
-        # The pair weight scales whichever of the [N, h] product and the [N, d] output is smaller.
-        if hidden.shape[1] <= x.shape[1]:
-            (y,) = grouped_matmul(hidden * weight, (self.w_down,), sizes)
-        else:
-            (y,) = grouped_matmul(hidden, (self.w_down,), sizes)
-            y = y * weight
-        return torch.zeros_like(x).index_add_(0, token_idx, y)
-
-    def forward(self, x_sorted: Tensor, counts: Tensor, confidence: Tensor | None = None) -> Tensor:
-        if _use_grouped_mm(x_sorted, self.w_gate.shape[-1]):
-            # offs: exclusive end row of each expert's group in x_sorted.
-            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-            dtype = x_sorted.dtype
-            gate = torch._grouped_mm(x_sorted, self.w_gate.to(dtype), offs=offsets)
-            up = torch._grouped_mm(x_sorted, self.w_up.to(dtype), offs=offsets)
-            expert = None
-            if confidence is not None:  # rows' expert ids, only for activations that use them
-                expert = _row_experts(counts, x_sorted.shape[0])
-            act = self.activation(gate, confidence, expert)
-            return torch._grouped_mm(act * up, self.w_down.to(dtype), offs=offsets)
-        # Sort-and-split: one matmul chain per expert over its contiguous block of rows.
-        # unbind (not w[e]) so backward stacks the E weight grads once instead of
-        # materialising a full-size zero gradient per expert.
-        gates, ups, downs = self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0)
-        sizes = counts.tolist()
-        confs = torch.split(confidence, sizes) if confidence is not None else [None] * len(sizes)
+    def _loop_forward(self, x: Tensor, groups: ExpertGroups, confidence: Tensor | None,
+                      dtype: torch.dtype) -> Tensor:
+        """Fallback: one matmul chain per expert over its contiguous rows (reads the group
+        sizes on the host). unbind (not w[e]) so backward stacks the E weight gradients once
+        instead of materialising a full-size zero gradient per expert."""
+        gates, ups, downs = (w.to(dtype).unbind(0) for w in (self.w_gate, self.w_up, self.w_down))
+        sizes = groups.sizes()
+        rest = x.shape[0] - sum(sizes)
         outputs = []
-        for e, (rows, conf) in enumerate(zip(torch.split(x_sorted, sizes), confs)):
-            if rows.shape[0]:
+        for e, (rows, conf) in enumerate(zip(x.split(sizes + [rest]),
+                                             confidence.split(sizes + [rest]) if confidence is not None
+                                             else [None] * (len(sizes) + 1))):
+            if e == len(sizes):  # rows past the last group: no expert, zero output
+                outputs.append(rows.new_zeros(rest, self.w_down.shape[-1]))
+            elif rows.shape[0]:
                 outputs.append((self.activation(rows @ gates[e], conf, e) * (rows @ ups[e])) @ downs[e])
         if not outputs:
-            return x_sorted.new_zeros(0, self.w_down.shape[-1])
+            return x.new_zeros(0, self.w_down.shape[-1])
         return torch.cat(outputs)
 
 
@@ -165,9 +204,5 @@ class DenseSwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def expert_flops_per_token(d_model: int, hidden: int) -> int:
-    """Forward multiply-adds ×2 of one SwiGLU expert application (3 matmuls)."""
-    return 2 * 3 * d_model * hidden
-
-
-__all__ = ["Experts", "SwiGLUExperts", "DenseSwiGLU", "expert_flops_per_token"]
+__all__ = ["Experts", "ExpertGroups", "SwiGLUExperts", "DenseSwiGLU", "compute_dtype", "grouped_mm",
+           "grouped_mm_supported"]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lit_moe.dtensor import full_tensor
 from lit_moe.errors import ConfigError
 from lit_moe.kappa import kappa_swiglu
-from lit_moe.moe.experts import DenseSwiGLU, SwiGLUExperts
+from lit_moe.moe.experts import DenseSwiGLU, ExpertGroups, SwiGLUExperts
 from lit_moe.moe.router import CONFIDENCE_MODES
 
 GRANULARITIES = ("per_gate", "per_expert", "per_layer", "global")
@@ -121,7 +121,7 @@ class KappaSwiGLUExperts(SwiGLUExperts):
         rows = num_experts if granularity in ("per_gate", "per_expert") else 1
         self.kappa = KappaParams(rows, hidden if granularity == "per_gate" else 1, reg_weight,
                                  shared_across_layers=granularity == "global")
-        self._stats_sample: tuple[Tensor, Tensor] | None = None
+        self._stats_sample: tuple[Tensor, Tensor, Tensor] | None = None
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         super().reset_parameters(std, out_std)
@@ -153,26 +153,25 @@ class KappaSwiGLUExperts(SwiGLUExperts):
     def expert_forward(self, e: int, x: Tensor, confidence: Tensor | None = None) -> Tensor:
         return super().expert_forward(e, x, None if confidence is None else self.pair_confidence(confidence))
 
-    def pair_activation_input(self, confidence: Tensor, counts: Tensor) -> Tensor:
-        s = self.pair_confidence(confidence)
-        self._record_stats(s, counts)
-        return s
-
-    def forward(self, x_sorted: Tensor, counts: Tensor, confidence: Tensor | None = None) -> Tensor:
+    def forward(self, x_sorted: Tensor, groups: ExpertGroups, confidence: Tensor | None = None) -> Tensor:
         if confidence is None:
             raise ValueError(f"{type(self).__name__} needs each pair's confidence (the MoE layer passes it).")
-        return super().forward(x_sorted, counts, self.pair_activation_input(confidence, counts))
+        s = self.pair_confidence(confidence)
+        self._record_stats(s, groups)
+        return super().forward(x_sorted, groups, s)
 
     @torch.no_grad()
-    def _record_stats(self, s: Tensor, counts: Tensor) -> None:
-        """Keep up to 256 evenly spaced pairs (their s and expert) for `kappa_statistics`.
-        Evenly spaced: pairs are grouped by expert, so the first 256 would all be expert 0."""
+    def _record_stats(self, s: Tensor, groups: ExpertGroups) -> None:
+        """Keep up to 256 evenly spaced pairs (their s, expert and validity) for
+        `kappa_statistics`. Evenly spaced: pairs are grouped by expert, so the first 256 would
+        all be expert 0. Rows past the last group (skipped pairs) are kept but flagged."""
         pairs = s.shape[0]
         if pairs == 0:
             return
         pick = torch.arange(0, pairs, max(1, pairs // STATS_SAMPLE), device=s.device)[:STATS_SAMPLE]
-        expert = torch.searchsorted(torch.cumsum(counts, 0), pick, right=True)
-        self._stats_sample = (s[pick].detach(), expert.clamp_max(self.kappa.bias.shape[0] - 1))
+        expert = groups.expert[pick].clamp_max(self.kappa.bias.shape[0] - 1)
+        valid = torch.ones_like(pick, dtype=torch.bool) if groups.valid is None else groups.valid[pick, 0]
+        self._stats_sample = (s[pick].detach(), expert, valid)
 
     @torch.no_grad()
     def kappa_sample(self) -> tuple[Tensor, Tensor] | None:
@@ -180,7 +179,10 @@ class KappaSwiGLUExperts(SwiGLUExperts):
         with the current b, a and U (device tensors); None before the first forward."""
         if self._stats_sample is None:
             return None
-        conf, expert = self._stats_sample
+        conf, expert, valid = self._stats_sample
+        # Skipped pairs (SoftMoE's zero weights) are no κ anybody used: the static-shape
+        # sample drops them here, when the statistics are read.
+        conf, expert = conf[valid], expert[valid]
         z = torch.addcmul(full_tensor(self.kappa.bias)[expert], full_tensor(self.kappa.scale)[expert], conf)
         return torch.exp(math.log(self.current_scale) * torch.tanh(z)), conf.squeeze(-1)
 

@@ -29,7 +29,7 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, shape[-1])
         logits, weights = self.router.logits_and_weights(tokens, k)
         mode = self.experts.confidence_mode
-        if mode is None:
-            return self.dispatch(tokens, weights, self.experts).reshape(shape)
-        confidence = self.router.confidence(mode, tokens, logits, weights)
-        return self.dispatch(tokens, weights, self.experts, confidence=confidence).reshape(shape)
+        confidence = None if mode is None else self.router.confidence(mode, tokens, logits, weights)
+        out = self.dispatch(tokens, weights, self.experts, confidence=confidence, slots=self.router.slots,
+                            skip_zero=self.router.zero_slots)
+        return out.reshape(shape)

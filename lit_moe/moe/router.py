@@ -113,6 +113,18 @@ class Router(nn.Module):
         """Experts a token uses on average by design (for active-parameter and FLOP counts)."""
         raise NotImplementedError
 
+    @property
+    def slots(self) -> int:
+        """The most experts one token can use (a host int): the dispatch's static pair count
+        per token."""
+        return self.num_experts
+
+    @property
+    def zero_slots(self) -> bool:
+        """Whether some of a token's `slots` largest weights can be exactly 0 (dropped or
+        truncated pairs, which the dispatch then skips)."""
+        return True
+
     def forward(self, x: Tensor, k: Tensor | None = None) -> Tensor:
         """x: [T, d] → routing weights [T, E] (fp32; zeros = expert unused)."""
         return self.logits_and_weights(x, k)[1]
@@ -219,6 +231,14 @@ class TopKRouter(Router):
     def expected_active_experts(self) -> float:
         return float(self.top_k)
 
+    @property
+    def slots(self) -> int:
+        return self.top_k
+
+    @property
+    def zero_slots(self) -> bool:
+        return self.capacity_factor is not None
+
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         top_vals, top_idx = top_k(logits, self.top_k)
         weights = torch.zeros_like(logits).scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1))
@@ -276,9 +296,20 @@ class SoftTopKRouter(Router):
     def expected_active_experts(self) -> float:
         return self.k
 
+    # The largest k this layer can be given: its own k, or the budget's bound (K − L + 1 for a
+    # learnable split, K/L fixed), set by the Transformer. Sizes the soft top-k's partial sort
+    # and the dispatch's pairs per token without reading k on the host.
+    k_max: float | None = None
+
+    @property
+    def slots(self) -> int:
+        k_max = self.k if self.k_max is None else self.k_max
+        return min(self.num_experts, math.ceil(k_max * self.cap))
+
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         k_layer = self.k if k is None else k
-        weights = sparse_soft_topk(logits, k_layer, self.alpha, self.theta, self.cap)
+        k_max = None if k is None else self.k_max
+        weights = sparse_soft_topk(logits, k_layer, self.alpha, self.theta, self.cap, k_max=k_max)
         assigned = weights != 0
         self.last_active = assigned.sum(dim=-1, dtype=torch.float32).mean().detach()
         return weights, assigned
