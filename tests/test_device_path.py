@@ -25,14 +25,37 @@ SYNC_OPS = ("_local_scalar_dense", "nonzero", "bincount", "unique", "_unique", "
             "unique_consecutive", "masked_select")
 
 
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops by name (overload packet), and records `_grouped_mm` input dtypes."""
+    """Counts aten ops by name (overload packet), and records `_grouped_mm` input dtypes.
+
+    `Tensor.tolist` and friends read memory without dispatching an op, so they are counted by
+    wrapping the methods while the mode is active (`host_reads`)."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
         self.grouped_dtypes: list[tuple[torch.dtype, torch.dtype]] = []
         self.unbounded_repeat_interleave = 0
+        self.host_reads: collections.Counter[str] = collections.Counter()
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self):
+        for name in HOST_READS:
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self.host_reads[_name] += 1
+                return _original(tensor, *args, **kwargs)
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -135,4 +158,16 @@ def test_training_step_makes_no_host_read(case):
     assert counter.counts["_grouped_mm"] > 0
     found = {name: counter.counts[name] for name in SYNC_OPS if counter.counts[name]}
     assert found == {}, found
+    assert dict(counter.host_reads) == {}
     assert counter.unbounded_repeat_interleave == 0
+
+
+def test_the_counter_sees_the_loop_fallbacks_host_read(monkeypatch):
+    """The same count on the per-expert fallback finds its read of the group sizes, so the
+    zero above is a measurement, not a blind spot."""
+    import lit_moe.moe.experts as experts_module
+
+    monkeypatch.setattr(experts_module, "grouped_mm_supported", lambda *args: False)
+    counter = counted_step(tiny(8).to(torch.bfloat16), autocast=False)
+    assert counter.counts["_grouped_mm"] == 0
+    assert counter.host_reads["tolist"] >= 2
