@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from lit_moe.budget import GlobalExpertBudget
 from lit_moe.components import build_component
 from lit_moe.errors import ConfigError
+from lit_moe.losses import linear_cross_entropy
 from lit_moe.moe.experts import DenseSwiGLU, SwiGLUExperts
 from lit_moe.moe.layer import MoELayer
 from lit_moe.moe.router import Router, nonfinite
@@ -274,8 +275,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(block.mlp.down.weight, std=out_std)
 
     def forward(self, idx: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None,
-                select: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                select: tuple[Tensor, Tensor] | None = None, targets: Tensor | None = None) -> Tensor:
         """idx: [B, S] token ids → logits [B, S, vocab] (fp32 for a stable cross-entropy).
+
+        targets [B, S]: return the mean cross-entropy against them instead (fp32 scalar),
+        computed chunk by chunk with the output head (`losses.linear_cross_entropy`), so the
+        [B·S, vocab] logits never exist whole: what training and validation use.
 
         positions [B, S] and attn_mask [B, S, S] (bool, True = may attend) are for packed
         rows, e.g. evaluation scoring several continuations after one shared context: each
@@ -306,7 +311,14 @@ class Transformer(nn.Module):
                 x = x[select[0], slot]  # [n, d] in the order asked
             else:
                 x = block(x, k, positions, attn_mask)
-        return self.lm_head(self.norm(x)).float()
+        x = self.norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.flatten(0, -2), self.lm_head.weight, targets.flatten(), self.loss_chunk)
+        return self.lm_head(x).float()
+
+    # Positions per chunk of the output head in the training loss: [chunk, vocab] fp32 logits
+    # at a time (4096 × 32768 × 4 B = 512 MiB at paper scale).
+    loss_chunk: int = 4096
 
     # -- interface for the LightningModule and callbacks ---------------------------------
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:

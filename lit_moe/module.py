@@ -15,11 +15,9 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from lit_moe.errors import ConfigError, NonFiniteLossError
 from lit_moe.model import ModelConfig, Transformer
@@ -83,6 +81,15 @@ def parameter_groups(model: nn.Module, weight_decay: float, tags: dict[str, str]
             for name, params in groups.items() if params]
 
 
+def adamw_implementation(model: nn.Module) -> dict[str, bool]:
+    """AdamW's fused kernel (one launch for all parameters) when every parameter lives on a
+    CUDA device, plain or as an FSDP2 DTensor shard; the multi-tensor `foreach` path elsewhere."""
+    devices = {p.device.type for p in model.parameters()}
+    if devices == {"cuda"}:
+        return {"fused": True}
+    return {"foreach": True}
+
+
 class LitMoE(L.LightningModule):
     """Trains `Transformer(config)` on token windows [B, seq_len + 1].
 
@@ -132,7 +139,6 @@ class LitMoE(L.LightningModule):
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (nan_policy: skip)
         self._skip_optimizer_step = False
         self.val_loss = MeanMetric()
-        self.val_ppl = Perplexity()
         self.tokenizer_json: str | None = None
         self._step_started: float | None = None
 
@@ -218,14 +224,14 @@ class LitMoE(L.LightningModule):
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
 
-    def _lm_loss(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _lm_loss(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean next-token cross-entropy of a batch of windows, and its targets; the logits
+        are never kept whole (`Transformer.forward(targets=...)`)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.model(inputs)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return ce, logits, targets
+        return self.model(inputs, targets=targets), targets
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        ce, _, _ = self._lm_loss(batch)
+        ce, _ = self._lm_loss(batch)
         aux = self.model.weighted_aux_loss()
         loss = ce + aux
         global_loss = self._mean_over_ranks(loss)
@@ -285,24 +291,32 @@ class LitMoE(L.LightningModule):
             self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        ce, logits, targets = self._lm_loss(batch)
-        self.val_loss.update(ce, weight=targets.numel())
-        self.val_ppl.update(logits, targets)
-        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
-        self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True)
+        self._evaluation_step(batch, "val")
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        ce, logits, targets = self._lm_loss(batch)
+        self._evaluation_step(batch, "test")
+
+    def _evaluation_step(self, batch: Tensor, split: str) -> None:
+        ce, targets = self._lm_loss(batch)
         self.val_loss.update(ce, weight=targets.numel())
-        self.val_ppl.update(logits, targets)
-        self.log("test/loss", self.val_loss, on_step=False, on_epoch=True)
-        self.log("test/ppl", self.val_ppl, on_step=False, on_epoch=True)
+        # Perplexity = exp(token-weighted mean cross-entropy), from the same running mean.
+        self.log(f"{split}/loss", self.val_loss, prog_bar=split == "val", on_step=False, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
+
+    def _log_perplexity(self, split: str) -> None:
+        if self.val_loss.update_called:
+            self.log(f"{split}/ppl", torch.exp(self.val_loss.compute()))
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = parameter_groups(self.model, hp.weight_decay, self._optim_group_tags)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=False)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), **adamw_implementation(self.model))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
