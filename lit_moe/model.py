@@ -97,6 +97,12 @@ class RotaryEmbedding(nn.Module):
             rotation = self.rotation[:x.shape[-2]]
         else:  # [B, S, Dh/2, 2] → [B, 1, S, Dh/2, 2], broadcast over heads
             rotation = self.rotation[positions].unsqueeze(1)
+        if torch.compiler.is_compiling():
+            # Inductor generates no code for complex numbers: the real form, which it fuses
+            # into one kernel with its neighbours.
+            cos, sin = rotation.float().unbind(-1)
+            even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+            return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
         rotation = torch.view_as_complex(rotation.float())
         pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

@@ -108,6 +108,10 @@ class LitMoE(L.LightningModule):
             and count it (`train/skipped_steps`). Checking costs one host sync per step.
         activation_checkpointing: recompute each Transformer block's activations in backward
             instead of storing them (less memory, about one more forward of compute).
+        compile: compile each Transformer block with `torch.compile` (before FSDP2 shards it,
+            the order torchtitan uses). The first steps take longer while it compiles; worth it
+            on GPUs, not on a 2-core CPU. In fp32 the experts' grouped matmul stays eager (a
+            graph break at that one call: torch traces `_grouped_mm` only in bf16).
 
     Under `ModelParallelStrategy` (e.g. `lit_moe.distributed.FSDP2Strategy`) `configure_model`
     shards the model with FSDP2, block by block.
@@ -116,7 +120,7 @@ class LitMoE(L.LightningModule):
     def __init__(self, config: ModelConfig = ModelConfig(), lr: float = 3e-3,  # noqa: B008 (copied below)
                  min_lr_ratio: float = 0.1, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, schedule: Schedule = "cosine", decay_fraction: float = 0.2,
-                 nan_policy: NanPolicy = "stop", activation_checkpointing: bool = False):
+                 nan_policy: NanPolicy = "stop", activation_checkpointing: bool = False, compile: bool = False):
         super().__init__()
         # A dict comes from a checkpoint's hyperparameters; copy so instances never share state.
         config = ModelConfig(**config) if isinstance(config, dict) else copy.deepcopy(config)
@@ -141,6 +145,7 @@ class LitMoE(L.LightningModule):
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
         self._step_started: float | None = None
+        self._compiled = False
 
     # -- data / checkpoint plumbing ---------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -183,6 +188,10 @@ class LitMoE(L.LightningModule):
         Lightning calls this again for validate/test after fit)."""
         from lit_moe.distributed import FSDP2Strategy, is_sharded, shard_transformer
 
+        if self.hparams.compile and not self._compiled:
+            for block in self.model.blocks:
+                block.compile()  # in place: parameter names and checkpoints stay the same
+            self._compiled = True
         mesh = self.device_mesh
         if mesh is None or is_sharded(self.model):
             return

@@ -100,11 +100,23 @@ class _GroupedMM(torch.autograd.Function):
         return grad_a, grad_b, None, None
 
 
-def grouped_mm(a: Tensor, b: Tensor, groups: ExpertGroups) -> Tensor:
-    """Rows of a [N, k] times their expert's matrix of b [E, k, n] → [N, n] (same dtype)."""
+def _grouped_mm_call(a: Tensor, b: Tensor, groups: ExpertGroups) -> Tensor:
     if groups.valid is None:
         return torch._grouped_mm(a, b, offs=groups.ends)
     return _GroupedMM.apply(a, b, groups.ends, groups.valid)
+
+
+# torch.compile traces `_grouped_mm` only in bf16 (its shape function rejects other dtypes):
+# an fp32 call (CPU runs without autocast) stays eager, a graph break at this one op while the
+# rest of the block compiles.
+_grouped_mm_eager = torch.compiler.disable(_grouped_mm_call)
+
+
+def grouped_mm(a: Tensor, b: Tensor, groups: ExpertGroups) -> Tensor:
+    """Rows of a [N, k] times their expert's matrix of b [E, k, n] → [N, n] (same dtype)."""
+    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_mm_eager(a, b, groups)
+    return _grouped_mm_call(a, b, groups)
 
 
 class Experts(nn.Module):
