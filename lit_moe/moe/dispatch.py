@@ -45,9 +45,9 @@ def sort_pairs(weights: Tensor, slots: int, skip_zero: bool = True
     if skip_zero:
         key = torch.where(pair_weight.flatten() != 0, key, num_experts)
     sorted_key, order = torch.sort(key, stable=True)
-    ends = torch.searchsorted(sorted_key, torch.arange(num_experts, device=key.device), right=True)
+    ends = torch.searchsorted(sorted_key, torch.arange(num_experts, device=key.device), right=True, out_int32=True)
     valid = (sorted_key < num_experts).unsqueeze(1) if skip_zero else None
-    groups = ExpertGroups(ends.to(torch.int32), sorted_key.clamp_max(num_experts - 1), valid)
+    groups = ExpertGroups(ends, sorted_key.clamp_max(num_experts - 1), valid)
     return pair_weight, pair_expert, order, groups
 
 
