@@ -179,9 +179,6 @@ def run(name: str, mode: str, shape: Shape, device: torch.device, args: argparse
     if per_layer is not None:
         row["realised_active_experts"] = [round(k, 3) for k in per_layer]
         row["realised_active_mean"] = round(statistics.mean(per_layer), 3)
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -213,6 +210,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if name not in MODELS:
                 parser.error(f"unknown model {name!r}; choose from {MODELS}")
             row = run(name, mode, shape, device, args)
+            if device.type == "cuda":  # the last model's memory back before the next one
+                torch.cuda.empty_cache()
             if row is None:
                 continue
             by_model[name] = row

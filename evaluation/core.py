@@ -28,6 +28,7 @@ import yaml
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM, TemplateLM
 
+from lit_moe.atomic import atomic_path
 from lit_moe.errors import ConfigError
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "core_mini"
@@ -318,14 +319,8 @@ def evaluate_core(lm: LM, bundle: str | os.PathLike[str] = DEFAULT_BUNDLE, tasks
 # -- reporting ---------------------------------------------------------------------------
 def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write atomically: a reader sees the previous file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def results_table(result: dict[str, Any]) -> str:

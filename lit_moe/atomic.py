@@ -13,29 +13,43 @@ Plain torch (no Lightning): `callbacks.fault_tolerance.AtomicCheckpointIO` plugs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; when the block ends without an error
+    it is renamed over `path`, so readers see the old file or the complete new one, never a
+    part. On an error the temporary file is removed and `path` is left as it was.
+
+    The temporary name is per process (concurrent writers never collide) and in the same
+    directory (a rename across file systems would be a copy). durable: also fsync the rename
+    (the caller fsyncs the file's contents), for checkpoints that must survive a power cut.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
-        _fsync_directory(path.parent)  # make the rename itself durable
+        if durable:
+            _fsync_directory(path.parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save `obj` to `path` so that `path` is either the old file or the complete new one."""
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_directory(directory: Path) -> None:

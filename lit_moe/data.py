@@ -34,6 +34,7 @@ from datasets.distributed import split_dataset_by_node
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
+from lit_moe.atomic import atomic_path
 from lit_moe.errors import ConfigError
 from lit_moe.tokenizer import eot_id, load_tokenizer, save_tokenizer, tokenizer_from_json, train_bpe
 
@@ -166,14 +167,8 @@ def _digest(obj: Any) -> str:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -637,18 +632,12 @@ class LMDataModule(L.LightningDataModule):
 
         ids = docs.map(encode, batched=True, num_proc=self.num_proc if self.num_proc > 1 else None,
                        remove_columns=docs.column_names, desc=desc)
-        tmp = f"{path}.tmp-{os.getpid()}"
         n_tokens = 0
-        try:
-            with open(tmp, "wb") as f:
-                for table in ids.with_format("arrow").iter(batch_size=4096):
-                    flat = pc.list_flatten(table["ids"]).to_numpy().astype(dtype)
-                    f.write(flat.tobytes())
-                    n_tokens += flat.size
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            for table in ids.with_format("arrow").iter(batch_size=4096):
+                flat = pc.list_flatten(table["ids"]).to_numpy().astype(dtype)
+                f.write(flat.tobytes())
+                n_tokens += flat.size
         return n_tokens
 
     def _open_tokens(self, split: str) -> np.ndarray:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lit_moe.atomic import atomic_path
 from lit_moe.errors import ConfigError  # a ValueError the CLI prints as one clear message
 
 EOT_TOKEN = "<|endoftext|>"
@@ -95,14 +96,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike[str]) -> None:
     """Write ``tok`` to ``path`` atomically: readers see the old file or the whole new one."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"  # per-process name: concurrent writers never collide
-    try:
-        tok.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp))
 
 
 def eot_id(tok: Tokenizer) -> int:

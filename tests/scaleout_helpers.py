@@ -1,5 +1,5 @@
 """Helpers for tests/test_scaleout.py that also run inside CLI subprocesses (class_path
-`tests.scaleout_helpers.StepRecorder` with the repository on PYTHONPATH)."""
+`scaleout_helpers.StepRecorder` with tests/ on PYTHONPATH)."""
 
 from __future__ import annotations
 

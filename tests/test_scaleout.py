@@ -32,10 +32,12 @@ from lit_moe.errors import ConfigError
 from lit_moe.model import ModelConfig
 from lit_moe.module import LitMoE, parameter_groups
 from lit_moe.rng import rng_state, set_rng_state
-from tests.scaleout_helpers import read_steps
+from scaleout_helpers import read_steps
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+# tests/ on the path for the helper module; the repository for the packages.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+       "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 CONFIG = """
 seed_everything: 7
@@ -60,7 +62,7 @@ trainer:
   - class_path: callbacks.KappaScheduleCallback
     init_args: {{lr_delay_steps: 2, lr_ramp_steps: 4}}
 {extra_callbacks}
-  - class_path: tests.scaleout_helpers.StepRecorder
+  - class_path: scaleout_helpers.StepRecorder
     init_args: {{path: {record}}}
 model:
   lr: 1.0e-2
@@ -93,7 +95,7 @@ def config(name: str, max_steps: int = 8, extra_callbacks: str = "", nan_policy:
 
 
 # A NaN in a router weight of layer 1 (on rank 0) for the batch after step 2.
-NAN_AT_STEP_2 = """  - class_path: tests.scaleout_helpers.InjectNaN
+NAN_AT_STEP_2 = """  - class_path: scaleout_helpers.InjectNaN
     init_args: {at_step: 2, layer: 1}"""
 
 
