@@ -373,34 +373,40 @@ class LitMoELM(TemplateLM):
             return self._generate(requests, disable_tqdm)
 
     def _generate(self, requests: list[Any], disable_tqdm: bool) -> list[str]:
-        """Greedy decoding until a stop string, the end-of-text token or max_gen_toks.
+        """Greedy decoding until a stop string, the end-of-text token or max_gen_toks, with the
+        model's KV cache (`lit_moe.generate`, the code behind `cli.py generate`).
 
-        One request at a time and without a KV cache (the model has none): each new token
-        re-reads the last seq_len tokens. Fine for short answers; slow for long generations.
+        Requests with the same stop strings and token cap run together, batch_size at a time
+        (left-padded prompts). The cache holds seq_len tokens: a context keeps its last
+        seq_len − max_gen_toks tokens (lm-eval's rule), and max_gen_toks is capped at seq_len / 2.
         """
-        outputs = []
-        for req in tqdm(requests, desc="lit_moe generate_until", disable=disable_tqdm):
-            context, gen_kwargs = req.args
-            gen_kwargs = dict(gen_kwargs or {})
+        from lit_moe.generate import generate_text
+
+        outputs: list[str | None] = [None] * len(requests)
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        cap = max(1, self.max_length // 2)
+        for i, req in enumerate(requests):
+            gen_kwargs = dict(req.args[1] or {})
             stops = gen_kwargs.pop("until", None) or []
             stops = [stops] if isinstance(stops, str) else list(stops)
             max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            if max_new > cap:
+                warnings.warn(f"lit_moe generates at most seq_len / 2 = {cap} tokens per request "
+                              f"(max_gen_toks={max_new} asked).", stacklevel=2)
+                max_new = cap
             if gen_kwargs.pop("do_sample", False) or gen_kwargs.get("temperature", 0) not in (0, 0.0):
                 warnings.warn("lit_moe decodes greedily; sampling arguments are ignored.", stacklevel=2)
-            tokens = self.tok_encode(context) or [self.prefix_token_id]
-            generated: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                window = (tokens + generated)[-self.max_length:]
-                logits = self._logits_at(torch.tensor([window], device=self._device), [0], [len(window) - 1])
-                token = int(logits.argmax())
-                if token == self.eot_token_id:
-                    break
-                generated.append(token)
-                text = self.tok_decode(generated)
-                if any(stop in text for stop in stops):
-                    break
-            cut = min((text.index(stop) for stop in stops if stop in text), default=len(text))
-            outputs.append(text[:cut])
-            self.cache_hook.add_partial("generate_until", req.args, text[:cut])
-        return outputs
+            groups.setdefault((tuple(stops), max_new), []).append(i)
+        progress = tqdm(total=len(requests), desc="lit_moe generate_until", disable=disable_tqdm)
+        for (stops, max_new), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start:start + self.batch_size]
+                prompts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in batch]
+                texts = generate_text(self.model, self.tokenizer, [], max_new, stops=stops,
+                                      stop_token=self.eot_token_id, prompt_ids=prompts)
+                for i, text in zip(batch, texts):
+                    outputs[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                progress.update(len(batch))
+        progress.close()
+        return [text or "" for text in outputs]
