@@ -171,3 +171,34 @@ def test_generate_bad_input_is_one_clear_error(tokenizer, tmp_path, capsys, args
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_sample_callback_logs_continuations_to_mlflow(tokenizer, tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    from callbacks import SampleCallback
+
+    torch.manual_seed(0)
+    module = LitMoE(ModelConfig(**TINY), warmup_steps=1)
+    module.tokenizer_json = tokenizer.to_str()
+    data = torch.utils.data.DataLoader(torch.randint(0, 300, (8, TINY["seq_len"] + 1)), batch_size=4)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="samples", tracking_uri=uri)
+    callback = SampleCallback(prompts=["The city of", "In 1990"], every_n_steps=2, max_new_tokens=6)
+    trainer = L.Trainer(max_steps=3, logger=logger, callbacks=[callback], accelerator="cpu", devices=1,
+                        default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, data)
+    assert module.model.training
+    client = MlflowClient(tracking_uri=uri)
+    artifacts = {a.path for a in client.list_artifacts(logger.run_id, "samples")}
+    assert artifacts == {"samples/step000002.txt", "samples/step000003.txt"}
+    text = client.download_artifacts(logger.run_id, "samples/step000003.txt", str(tmp_path))
+    expected = generate_text(module.model, tokenizer, ["The city of", "In 1990"], 6, stop_token=0)
+    assert callback.last == expected
+    body = Path(text).read_text()
+    assert "The city of" + expected[0] in body and "In 1990" + expected[1] in body
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SampleCallback(every_n_steps=0)
