@@ -72,6 +72,16 @@ def splits_at_whitespace(tokenizer: Tokenizer) -> bool:
             and not any(any(ch.isspace() for ch in tok.get("content", "")) for tok in config.get("added_tokens") or []))
 
 
+def _fsdp_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        FSDPModule = FullyShardedDataParallel  # noqa: N806
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
 class PackedRow:
     """One model input: a context, then continuations that each see only the context.
 
@@ -117,11 +127,18 @@ class LitMoELM(TemplateLM):
         max_gen_toks: default cap on generated tokens for ``generate_until``.
         device: where to run; default: the model's device, or CUDA when loading a checkpoint
             on a machine that has one.
+        distributed: under an initialised torch.distributed process group, every rank calls
+            with the same requests and scores only every world_size-th batch of them; the
+            results are gathered on every rank (same scores as one process, N× less time).
+        lockstep: with distributed, every rank runs the same number of forwards (padding with
+            a one-token forward): needed when the weights are sharded (FSDP), where a forward
+            is a collective.
     """
 
     def __init__(self, checkpoint: str | None = None, model: nn.Module | None = None,
                  tokenizer: Tokenizer | None = None, batch_size: int | str | None = DEFAULT_BATCH_SIZE,
-                 max_gen_toks: int = 256, device: str | None = None, **unused: Any):
+                 max_gen_toks: int = 256, device: str | None = None, distributed: bool = False,
+                 lockstep: bool = False, **unused: Any):
         super().__init__()
         unused.pop("max_batch_size", None)  # lm-eval always passes it; there is no auto sizing here
         if unused:
@@ -150,6 +167,13 @@ class LitMoELM(TemplateLM):
         self.vocab_size = min(tokenizer.get_vocab_size(), self.model.cfg.vocab_size)
         self._splits_at_whitespace = splits_at_whitespace(tokenizer)
         self._encoded: tuple[list[tuple[str, str]], list[tuple[list[int], list[int]]]] | None = None
+        # Split scoring across the ranks of the initialised process group (every rank makes
+        # the same calls with the same requests; results are gathered on every rank).
+        self.distributed = bool(distributed)
+        self.lockstep = bool(lockstep)
+        # `select` runs the last block through `Block.forward_at`, past FSDP's per-block hooks
+        # (which gather the sharded weights): sharded models take the plain forward.
+        self._select = isinstance(self.model, Transformer) and not _fsdp_sharded(self.model)
 
     # -- tokenizer ------------------------------------------------------------------------
     @property
@@ -263,9 +287,21 @@ class LitMoELM(TemplateLM):
         # Longest first, as lm-eval's HF adapter does: each batch pads to its first row (little
         # padding), and an out-of-memory error shows at once rather than at the end.
         rows.sort(key=lambda row: len(row.tokens), reverse=True)
-        progress = tqdm(total=sum(len(v) for conts in groups.values() for v in conts.values()),
+        # Several ranks (`distributed`): each scores every world-th batch, then all gather the
+        # results. In lockstep (sharded weights: a forward needs every rank) the ranks run the
+        # same number of forwards, those with fewer batches padding with a one-token forward.
+        rank, world = self._rank_world()
+        batches = list(self._batches(rows))
+        mine = batches[rank::world]
+        steps = -(-len(batches) // world) if self.lockstep else len(mine)
+        scored: list[tuple[int, tuple[float, bool]]] = []  # (request index, result)
+        progress = tqdm(total=sum(len(groups[row.context][t]) for batch in mine for row in batch for t in row.targets),
                         desc="lit_moe loglikelihood", disable=disable_tqdm)
-        for batch in self._batches(rows):
+        for step in range(steps):
+            if step >= len(mine):
+                self._logits_at(torch.zeros(1, 1, dtype=torch.long, device=self._device), [0], [0])
+                continue
+            batch = mine[step]
             length = len(batch[0].tokens)
             packed = any(len(row.targets) > 1 for row in batch)
             # Right padding: invisible to real positions under causal attention (or the mask,
@@ -297,19 +333,33 @@ class LitMoELM(TemplateLM):
             sums = torch.zeros(len(lengths), dtype=torch.float64, device=logits.device)
             totals = sums.index_add(0, owner, token_logprob).tolist()
             misses = sums.index_add(0, owner, missed).tolist()
-            scored = iter(zip(totals, misses))
+            per_continuation = iter(zip(totals, misses))
             for row in batch:
                 for target in row.targets:
-                    total, miss = next(scored)
+                    total, miss = next(per_continuation)
                     result = (total, miss == 0)
                     same_request = groups[row.context][target]
-                    for i in same_request:
-                        results[i] = result
-                        if requests[i][0] is not None:
-                            self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+                    scored += [(i, result) for i in same_request]
                     progress.update(len(same_request))
         progress.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, scored)
+            scored = [pair for part in parts for pair in part]
+        for i, result in scored:
+            results[i] = result
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
         return results
+
+    def _rank_world(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     def _batches(self, rows: list[PackedRow]) -> Iterator[list[PackedRow]]:
         """Consecutive rows (longest first) in batches of at most batch_size · seq_len tokens,
@@ -341,12 +391,12 @@ class LitMoELM(TemplateLM):
 
         lit-moe's Transformer computes them there only (`select`: the last block's queries and
         MLP and the output head run at the scored positions: the head alone is ~40% of the
-        tiny model's FLOPs, while a choice scores a handful of positions). Other models get a
-        plain forward.
+        tiny model's FLOPs, while a choice scores a handful of positions). Other models, and
+        FSDP-sharded ones (whose per-block hooks `select` would bypass), get a plain forward.
         """
         rows_t = torch.tensor(rows, device=idx.device)
         at_t = torch.tensor(positions, device=idx.device)
-        if isinstance(self.model, Transformer):
+        if self._select:
             return self.model(idx, token_positions, attn_mask, select=(rows_t, at_t))[:, :self.vocab_size]
         return self.model(idx, token_positions, attn_mask)[rows_t, at_t, :self.vocab_size]
 
