@@ -185,7 +185,8 @@ def _parser():  # noqa: ANN202
     p.add_argument("--top_k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--top_p", type=float, help="nucleus sampling: smallest set with probability ≥ p")
     p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable; \\n and \\t are newline and tab); not included in the output")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA if available)")
     p.add_argument("--no_stream", action="store_true", help="print each continuation only when it is complete")
     return p
@@ -238,7 +239,8 @@ def main(args: list[str] | None = None) -> list[str]:
     if stream:
         out.write(prompts[0])
         out.flush()
-    texts = generate_text(model, tokenizer, prompts, opts.max_new_tokens, sampling, opts.stop,
+    stops = [stop.replace("\\n", "\n").replace("\\t", "\t") for stop in opts.stop]
+    texts = generate_text(model, tokenizer, prompts, opts.max_new_tokens, sampling, stops,
                           stop_token=eot_id(tokenizer), on_text=on_text if stream else None)
     if stream:
         out.write("\n")
