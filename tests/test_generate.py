@@ -202,3 +202,19 @@ def test_sample_callback_logs_continuations_to_mlflow(tokenizer, tmp_path):
     assert "The city of" + expected[0] in body and "In 1990" + expected[1] in body
     with pytest.raises(ValueError, match="every_n_steps"):
         SampleCallback(every_n_steps=0)
+
+
+def test_generate_reads_a_sharded_checkpoint_directory(tokenizer, tmp_path, capsys):
+    import torch.distributed.checkpoint as dcp
+
+    model, ckpt = _checkpoint(tokenizer, tmp_path / "tiny.ckpt")
+    state = torch.load(ckpt, weights_only=True)
+    sharded = tmp_path / "sharded.ckpt"
+    # The layout FSDP2Strategy writes: DCP shards of {"state_dict": ...} plus meta.pt with the rest.
+    dcp.save({"state_dict": state.pop("state_dict")}, checkpoint_id=str(sharded), no_dist=True)
+    torch.save(state, sharded / "meta.pt")
+    args = ["--prompt", "The city of", "--max_new_tokens", "6", "--device", "cpu"]
+    cli.main(["generate", "--ckpt_path", ckpt, *args])
+    from_file = capsys.readouterr().out
+    cli.main(["generate", "--ckpt_path", str(sharded), *args])
+    assert capsys.readouterr().out == from_file
