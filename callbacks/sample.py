@@ -78,7 +78,6 @@ class SampleCallback(Callback):
         import dataclasses
 
         from lit_moe.generate import generate_text
-        from lit_moe.moe.router import Router
         from lit_moe.tokenizer import eot_id, tokenizer_from_json
 
         tokenizer_json = getattr(pl_module, "tokenizer_json", None)
@@ -86,12 +85,8 @@ class SampleCallback(Callback):
             warnings.warn("SampleCallback: the module has no tokenizer (tokenizer_json); no samples.", stacklevel=2)
             return None
         model = pl_module.model
-        routers = [m for m in model.modules() if isinstance(m, Router)]
-        recording = [r.record_metrics for r in routers]
         was_training = model.training
-        try:
-            for router in routers:  # samples are not validation: keep them out of the routing counters
-                router.record_metrics = False
+        try:  # generate_text keeps the routers' statistics out of it
             tokenizer = tokenizer_from_json(tokenizer_json)
             max_new = min(self.max_new_tokens, model.cfg.seq_len // 2)
             return generate_text(model, tokenizer, self.prompts, max_new, dataclasses.replace(self.sampling),
@@ -100,6 +95,4 @@ class SampleCallback(Callback):
             warnings.warn(f"SampleCallback: sampling failed: {type(err).__name__}: {err}", stacklevel=2)
             return None
         finally:
-            for router, record in zip(routers, recording):
-                router.record_metrics = record
             model.train(was_training)

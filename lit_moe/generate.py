@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lit_moe.errors import ConfigError
 from lit_moe.model import KVCache, Transformer
+from lit_moe.moe.router import Router
 
 
 @dataclass
@@ -99,6 +100,11 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     cache = KVCache(model.cfg, len(prompts), width + max_new_tokens, pad=pad, device=device, dtype=dtype)
     was_training = model.training
     model.eval()
+    # Generation is not validation: routers keep no statistics (nor spend time on them).
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    recording = [router.record_metrics for router in routers]
+    for router in routers:
+        router.record_metrics = False
     try:
         logits = model(idx, cache=cache)[:, -1]
         done = [False] * len(prompts)
@@ -120,6 +126,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
             logits = model(tokens[:, None], cache=cache)[:, -1]
     finally:
         model.train(was_training)
+        for router, record in zip(routers, recording):
+            router.record_metrics = record
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
