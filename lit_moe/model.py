@@ -144,6 +144,9 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store layer `layer`'s keys/values [B, H, seq, Dh] of the next slots; all filled ones back."""
         end = self.length + k.shape[2]
+        if self.keys[layer].dtype != k.dtype and self.length == 0:  # e.g. bf16 compute (autocast, FSDP2)
+            self.keys[layer] = self.keys[layer].to(k.dtype)
+            self.values[layer] = self.values[layer].to(v.dtype)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -348,6 +351,9 @@ class Transformer(nn.Module):
         on their own, which per-token routing makes exact.
         """
         if cache is not None:
+            if positions is not None or attn_mask is not None or select is not None:
+                raise ValueError("forward(cache=...) takes positions and mask from the cache; pass no positions, "
+                                 "attn_mask or select.")
             return self._decode(idx, cache)
         if positions is None and idx.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's seq_len {self.cfg.seq_len}.")

@@ -218,3 +218,17 @@ def test_generate_reads_a_sharded_checkpoint_directory(tokenizer, tmp_path, caps
     from_file = capsys.readouterr().out
     cli.main(["generate", "--ckpt_path", str(sharded), *args])
     assert capsys.readouterr().out == from_file
+
+
+def test_cache_follows_the_compute_dtype_under_autocast():
+    model = _model()
+    seq = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(seq)
+        cache = KVCache(model.cfg, batch=1, max_len=10)  # fp32 buffers, bf16 keys: stored as bf16
+        cached = torch.cat([model(seq[:, :4], cache=cache)] + [model(seq[:, t:t + 1], cache=cache)
+                                                                for t in range(4, 10)], dim=1)
+    assert cache.keys[0].dtype == torch.bfloat16
+    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.8  # bf16 rounding only
+    with pytest.raises(ValueError, match="cache"):
+        model(seq, positions=torch.zeros_like(seq), cache=KVCache(model.cfg, 1))
