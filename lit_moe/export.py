@@ -20,6 +20,9 @@ The mapping (lit-moe → Mixtral):
   renormalised; experts: w1 = gate, w3 = up, w2 = down (transposed to nn.Linear layout).
 - Tied embeddings → tie_word_embeddings (no lm_head weight); RMSNorm eps, rope_theta,
   seq_len (max_position_embeddings) copied.
+- Tokenizer: the same tokenizer.json; `<|endoftext|>` is bos/eos/pad. lit-moe encodes that
+  string inside text as plain bytes (a runtime switch the JSON cannot store); transformers
+  reads it as the special token, as Hugging Face tokenizers do.
 
 Mixtral cannot express dense first blocks, SoftMoE routing (learned k, budget), a capacity
 factor (dropped tokens) or κ-SwiGLU experts: those models are refused with a message naming
