@@ -1,9 +1,13 @@
 """lit-moe command line: LightningCLI `fit`, `validate`, `test` (+ `--print_config`), plus
-`evaluate` (CORE, evaluation/cli.py) and `report` (run comparison, evaluation/report.py).
+`evaluate` (CORE, evaluation/cli.py), `report` (run comparison, evaluation/report.py),
+`generate` (sampling, lit_moe/generate.py) and `export` (Hugging Face Mixtral / safetensors,
+lit_moe/export.py).
 
     python cli.py fit --config conf/tiny.yaml
     python cli.py fit --config conf/tiny.yaml --ckpt_path last      # resume
     python cli.py validate --config conf/tiny.yaml --ckpt_path checkpoints/tiny/last.ckpt
+    python cli.py generate --ckpt_path checkpoints/tiny/last.ckpt --prompt "The city of"
+    python cli.py export --ckpt_path checkpoints/tiny/last.ckpt --format hf --output hf_model/
 
 The installed console script `lit-moe` is the same program.
 """
@@ -114,6 +118,16 @@ def main(args: list[str] | None = None) -> None:
             from evaluation.cli import main as evaluate
 
             evaluate(argv[1:])
+            return
+        if argv[:1] == ["generate"]:  # sample from a checkpoint: lit_moe/generate.py
+            from lit_moe.generate import main as generate
+
+            generate(argv[1:])
+            return
+        if argv[:1] == ["export"]:  # Hugging Face / safetensors export: lit_moe/export.py
+            from lit_moe.export import main as export
+
+            export(argv[1:])
             return
         if argv[:1] == ["report"]:  # compare runs from the MLflow store: evaluation/report.py
             from evaluation.report import main as report

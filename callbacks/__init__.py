@@ -4,6 +4,7 @@ from callbacks.expert_budget import ExpertBudgetCallback
 from callbacks.kappa_schedule import KappaScheduleCallback
 from callbacks.routing_stats import RoutingStatsCallback
 from callbacks.run_info import RunInfoCallback, TokenThroughputMonitor
+from callbacks.sample import SampleCallback
 
 __all__ = ["ExpertBudgetCallback", "KappaScheduleCallback", "RoutingStatsCallback", "RunInfoCallback",
-           "TokenThroughputMonitor"]
+           "SampleCallback", "TokenThroughputMonitor"]

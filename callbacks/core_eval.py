@@ -9,10 +9,11 @@ Runs on the in-memory model (no checkpoint needed) and logs `core/CORE`, `core/<
 (centered accuracy) and `core_acc/<task>` to the trainer's loggers, plus the results
 table as MLflow artifacts `core/results_stepNNNNNN.{md,json}`.
 
-Distributed: under DDP rank 0 evaluates alone while the others wait, and the result is
-broadcast (one result). Under strategies that shard the weights (FSDP, DeepSpeed, model
-parallel) a forward pass needs every rank, so all ranks evaluate the same requests in
-lockstep and rank 0 logs.
+Distributed (DDP, FSDP2, FSDP): every rank builds the same requests and scores a different
+slice of them (`LitMoELM(distributed=True)`: every world_size-th batch), and the results are
+gathered on every rank: the same scores as one process in about 1/N of the time. Where the
+weights are sharded (FSDP, DeepSpeed, model parallel) a forward pass needs every rank, so the
+ranks run in lockstep, padded to the same number of batches. Rank 0 logs.
 """
 
 from __future__ import annotations
@@ -83,19 +84,23 @@ class CoreEvalCallback(Callback):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
         """Evaluate now, log on rank 0, and return the result (on every rank)."""
+        import torch.distributed as dist
+
         self._last_step = trainer.global_step
         sharded = isinstance(trainer.strategy, SHARDED_STRATEGIES)
+        split = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         result = None
-        if trainer.is_global_zero or sharded:
-            result = self._evaluate(pl_module)
-        # Collective: the other DDP ranks wait here for rank 0, then all hold the same result.
+        if trainer.is_global_zero or sharded or split:
+            result = self._evaluate(pl_module, split=split, lockstep=sharded)
+        # Collective: every rank then holds rank 0's result (the same one under `split`).
         result = trainer.strategy.broadcast(result, src=0)
         if result is not None and trainer.is_global_zero:
             self._log(trainer, result)
         self.results = result
         return result
 
-    def _evaluate(self, pl_module: L.LightningModule) -> dict[str, Any] | None:
+    def _evaluate(self, pl_module: L.LightningModule, split: bool = False,
+                  lockstep: bool = False) -> dict[str, Any] | None:
         from evaluation import core
         from evaluation.adapter import LitMoELM
         from lit_moe.tokenizer import tokenizer_from_json
@@ -108,7 +113,8 @@ class CoreEvalCallback(Callback):
         model = pl_module.model
         was_training = model.training
         try:
-            lm = LitMoELM(model=model, tokenizer=tokenizer_from_json(tokenizer_json), batch_size=self.batch_size)
+            lm = LitMoELM(model=model, tokenizer=tokenizer_from_json(tokenizer_json), batch_size=self.batch_size,
+                          distributed=split, lockstep=lockstep)
             return core.evaluate_core(lm, self.bundle, self.tasks, self.limit)
         except Exception as err:  # noqa: BLE001 — a failed evaluation must not hang other ranks or lose the run
             warnings.warn(f"CoreEvalCallback: CORE evaluation failed: {type(err).__name__}: {err}", stacklevel=2)

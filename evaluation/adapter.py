@@ -70,6 +70,16 @@ def splits_at_whitespace(tokenizer: Tokenizer) -> bool:
             and not any(any(ch.isspace() for ch in tok.get("content", "")) for tok in config.get("added_tokens") or []))
 
 
+def _fsdp_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        FSDPModule = FullyShardedDataParallel  # noqa: N806
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
 class PackedRow:
     """One model input: a context, then continuations that each see only the context.
 
@@ -115,11 +125,18 @@ class LitMoELM(TemplateLM):
         max_gen_toks: default cap on generated tokens for ``generate_until``.
         device: where to run; default: the model's device, or CUDA when loading a checkpoint
             on a machine that has one.
+        distributed: under an initialised torch.distributed process group, every rank calls
+            with the same requests and scores only every world_size-th batch of them; the
+            results are gathered on every rank (same scores as one process, N× less time).
+        lockstep: with distributed, every rank runs the same number of forwards (padding with
+            a one-token forward): needed when the weights are sharded (FSDP), where a forward
+            is a collective.
     """
 
     def __init__(self, checkpoint: str | None = None, model: nn.Module | None = None,
                  tokenizer: Tokenizer | None = None, batch_size: int | str | None = DEFAULT_BATCH_SIZE,
-                 max_gen_toks: int = 256, device: str | None = None, **unused: Any):
+                 max_gen_toks: int = 256, device: str | None = None, distributed: bool = False,
+                 lockstep: bool = False, **unused: Any):
         super().__init__()
         unused.pop("max_batch_size", None)  # lm-eval always passes it; there is no auto sizing here
         if unused:
@@ -148,6 +165,13 @@ class LitMoELM(TemplateLM):
         self.vocab_size = min(tokenizer.get_vocab_size(), self.model.cfg.vocab_size)
         self._splits_at_whitespace = splits_at_whitespace(tokenizer)
         self._encoded: tuple[list[tuple[str, str]], list[tuple[list[int], list[int]]]] | None = None
+        # Split scoring across the ranks of the initialised process group (every rank makes
+        # the same calls with the same requests; results are gathered on every rank).
+        self.distributed = bool(distributed)
+        self.lockstep = bool(lockstep)
+        # `select` runs the last block through `Block.forward_at`, past FSDP's per-block hooks
+        # (which gather the sharded weights): sharded models take the plain forward.
+        self._select = isinstance(self.model, Transformer) and not _fsdp_sharded(self.model)
 
     # -- tokenizer ------------------------------------------------------------------------
     @property
@@ -258,9 +282,21 @@ class LitMoELM(TemplateLM):
         # Longest first, as lm-eval's HF adapter does: each batch pads to its first row (little
         # padding), and an out-of-memory error shows at once rather than at the end.
         rows.sort(key=lambda row: len(row.tokens), reverse=True)
-        progress = tqdm(total=sum(len(v) for conts in groups.values() for v in conts.values()),
+        # Several ranks (`distributed`): each scores every world-th batch, then all gather the
+        # results. In lockstep (sharded weights: a forward needs every rank) the ranks run the
+        # same number of forwards, those with fewer batches padding with a one-token forward.
+        rank, world = self._rank_world()
+        batches = list(self._batches(rows))
+        mine = batches[rank::world]
+        steps = -(-len(batches) // world) if self.lockstep else len(mine)
+        scored: list[tuple[int, tuple[float, bool]]] = []  # (request index, result)
+        progress = tqdm(total=sum(len(groups[row.context][t]) for batch in mine for row in batch for t in row.targets),
                         desc="lit_moe loglikelihood", disable=disable_tqdm)
-        for batch in self._batches(rows):
+        for step in range(steps):
+            if step >= len(mine):
+                self._logits_at(torch.zeros(1, 1, dtype=torch.long, device=self._device), [0], [0])
+                continue
+            batch = mine[step]
             length = len(batch[0].tokens)
             packed = any(len(row.targets) > 1 for row in batch)
             # Right padding: invisible to real positions under causal attention (or the mask,
@@ -292,19 +328,33 @@ class LitMoELM(TemplateLM):
             sums = torch.zeros(len(lengths), dtype=torch.float64, device=logits.device)
             totals = sums.index_add(0, owner, token_logprob).tolist()
             misses = sums.index_add(0, owner, missed).tolist()
-            scored = iter(zip(totals, misses))
+            per_continuation = iter(zip(totals, misses))
             for row in batch:
                 for target in row.targets:
-                    total, miss = next(scored)
+                    total, miss = next(per_continuation)
                     result = (total, miss == 0)
                     same_request = groups[row.context][target]
-                    for i in same_request:
-                        results[i] = result
-                        if requests[i][0] is not None:
-                            self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+                    scored += [(i, result) for i in same_request]
                     progress.update(len(same_request))
         progress.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, scored)
+            scored = [pair for part in parts for pair in part]
+        for i, result in scored:
+            results[i] = result
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
         return results
+
+    def _rank_world(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     def _batches(self, rows: list[PackedRow]) -> Iterator[list[PackedRow]]:
         """Consecutive rows (longest first) in batches of at most batch_size · seq_len tokens,
@@ -336,12 +386,12 @@ class LitMoELM(TemplateLM):
 
         lit-moe's Transformer computes them there only (`select`: the last block's queries and
         MLP and the output head run at the scored positions: the head alone is ~40% of the
-        tiny model's FLOPs, while a choice scores a handful of positions). Other models get a
-        plain forward.
+        tiny model's FLOPs, while a choice scores a handful of positions). Other models, and
+        FSDP-sharded ones (whose per-block hooks `select` would bypass), get a plain forward.
         """
         rows_t = torch.tensor(rows, device=idx.device)
         at_t = torch.tensor(positions, device=idx.device)
-        if isinstance(self.model, Transformer):
+        if self._select:
             return self.model(idx, token_positions, attn_mask, select=(rows_t, at_t))[:, :self.vocab_size]
         return self.model(idx, token_positions, attn_mask)[rows_t, at_t, :self.vocab_size]
 
@@ -368,34 +418,40 @@ class LitMoELM(TemplateLM):
             return self._generate(requests, disable_tqdm)
 
     def _generate(self, requests: list[Any], disable_tqdm: bool) -> list[str]:
-        """Greedy decoding until a stop string, the end-of-text token or max_gen_toks.
+        """Greedy decoding until a stop string, the end-of-text token or max_gen_toks, with the
+        model's KV cache (`lit_moe.generate`, the code behind `cli.py generate`).
 
-        One request at a time and without a KV cache (the model has none): each new token
-        re-reads the last seq_len tokens. Fine for short answers; slow for long generations.
+        Requests with the same stop strings and token cap run together, batch_size at a time
+        (left-padded prompts). The cache holds seq_len tokens: a context keeps its last
+        seq_len − max_gen_toks tokens (lm-eval's rule), and max_gen_toks is capped at seq_len / 2.
         """
-        outputs = []
-        for req in tqdm(requests, desc="lit_moe generate_until", disable=disable_tqdm):
-            context, gen_kwargs = req.args
-            gen_kwargs = dict(gen_kwargs or {})
+        from lit_moe.generate import generate_text
+
+        outputs: list[str | None] = [None] * len(requests)
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        cap = max(1, self.max_length // 2)
+        for i, req in enumerate(requests):
+            gen_kwargs = dict(req.args[1] or {})
             stops = gen_kwargs.pop("until", None) or []
             stops = [stops] if isinstance(stops, str) else list(stops)
             max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            if max_new > cap:
+                warnings.warn(f"lit_moe generates at most seq_len / 2 = {cap} tokens per request "
+                              f"(max_gen_toks={max_new} asked).", stacklevel=2)
+                max_new = cap
             if gen_kwargs.pop("do_sample", False) or gen_kwargs.get("temperature", 0) not in (0, 0.0):
                 warnings.warn("lit_moe decodes greedily; sampling arguments are ignored.", stacklevel=2)
-            tokens = self.tok_encode(context) or [self.prefix_token_id]
-            generated: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                window = (tokens + generated)[-self.max_length:]
-                logits = self._logits_at(torch.tensor([window], device=self._device), [0], [len(window) - 1])
-                token = int(logits.argmax())
-                if token == self.eot_token_id:
-                    break
-                generated.append(token)
-                text = self.tok_decode(generated)
-                if any(stop in text for stop in stops):
-                    break
-            cut = min((text.index(stop) for stop in stops if stop in text), default=len(text))
-            outputs.append(text[:cut])
-            self.cache_hook.add_partial("generate_until", req.args, text[:cut])
-        return outputs
+            groups.setdefault((tuple(stops), max_new), []).append(i)
+        progress = tqdm(total=len(requests), desc="lit_moe generate_until", disable=disable_tqdm)
+        for (stops, max_new), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start:start + self.batch_size]
+                prompts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in batch]
+                texts = generate_text(self.model, self.tokenizer, [], max_new, stops=stops,
+                                      stop_token=self.eot_token_id, prompt_ids=prompts)
+                for i, text in zip(batch, texts):
+                    outputs[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                progress.update(len(batch))
+        progress.close()
+        return [text or "" for text in outputs]

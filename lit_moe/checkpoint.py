@@ -148,9 +148,21 @@ def check_compatible(checkpoint: dict[str, Any], module: LitMoE, path: str) -> N
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tuple[LitMoE, Tokenizer]:
-    """(LitMoE in eval mode, tokenizer) from a checkpoint file or sharded directory written by `fit`."""
+    """(LitMoE in eval mode, tokenizer) from a checkpoint file or sharded directory written by
+    `fit`, or a directory written by `export --format safetensors`."""
+    from lit_moe.export import is_export_directory, load_export
     from lit_moe.module import LitMoE
 
+    if is_export_directory(path):
+        config, state, tokenizer_json = load_export(path)
+        module = LitMoE(config)
+        try:
+            module.model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ConfigError(f"exported model '{path}' does not fit its own config ({err}).") from err
+        module.tokenizer_json = tokenizer_json
+        module.to(map_location).eval()
+        return module, tokenizer_from_json(tokenizer_json)
     checkpoint = read_checkpoint(path)
     if "hyper_parameters" not in checkpoint or "config" not in checkpoint["hyper_parameters"]:
         raise ConfigError(f"checkpoint '{path}' has no lit-moe model config; was it written by lit-moe's `fit`?")

@@ -108,6 +108,57 @@ class RotaryEmbedding(nn.Module):
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of every layer for incremental decoding (`Transformer.forward(idx, cache=)`).
+
+    Holds [B, H, max_len, Dh] keys and values per attention layer, the number of slots filled
+    (`length`, the same for every row) and which slots are real tokens (`valid` [B, max_len]):
+    prompts of different lengths are left-padded, and padding is never attended to (except by
+    itself). Row b's token in slot j sits at position j − pad[b] (its position without padding).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int | None = None, pad: Tensor | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = cfg.seq_len if max_len is None else max_len
+        if not 1 <= max_len <= cfg.seq_len:
+            raise ValueError(f"KV cache length {max_len} must be between 1 and the model's seq_len {cfg.seq_len}.")
+        head_dim = cfg.d_model // cfg.n_heads
+        shape = (batch, cfg.n_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+        self.pad = (torch.zeros(batch, dtype=torch.long, device=device) if pad is None
+                    else pad.to(device=device, dtype=torch.long))
+        slots = torch.arange(max_len, device=device)
+        self.valid = slots[None, :] >= self.pad[:, None]
+
+    def positions(self, seq: int) -> Tensor:
+        """[B, seq] positions of the next `seq` slots (padding slots get 0)."""
+        slots = torch.arange(self.length, self.length + seq, device=self.pad.device)
+        return (slots[None, :] - self.pad[:, None]).clamp_min(0)
+
+    def mask(self, seq: int, dtype: torch.dtype) -> Tensor:
+        """Additive [B, 1, seq, length + seq] mask of the next `seq` queries: a query sees the
+        real tokens up to its own slot, and itself (so padding rows stay finite)."""
+        end = self.length + seq
+        query = torch.arange(self.length, end, device=self.pad.device)[:, None]
+        key = torch.arange(end, device=self.pad.device)[None, :]
+        allowed = (self.valid[:, None, :end] & (key <= query)[None]) | (key == query)[None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            allowed.logical_not(), float("-inf")).unsqueeze(1)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store layer `layer`'s keys/values [B, H, seq, Dh] of the next slots; all filled ones back."""
+        end = self.length + k.shape[2]
+        if self.keys[layer].dtype != k.dtype and self.length == 0:  # e.g. bf16 compute (autocast, FSDP2)
+            self.keys[layer] = self.keys[layer].to(k.dtype)
+            self.values[layer] = self.values[layer].to(v.dtype)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -117,12 +168,16 @@ class CausalSelfAttention(nn.Module):
         self.rope = RotaryEmbedding(cfg.d_model // cfg.n_heads, cfg.seq_len, cfg.rope_theta)
 
     def forward(self, x: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None,
-                query_index: Tensor | None = None) -> Tensor:
+                query_index: Tensor | None = None, cache: tuple[KVCache, int] | None = None) -> Tensor:
         """x: [B, S, d]. positions [B, S] and attn_mask [B, S, S] (True = may attend) replace
         0..S−1 and the causal mask, e.g. for several continuations packed after one context.
 
         query_index [B, m]: compute the output only at these positions of each row (keys and
         values still come from all of them) → [B, m, d] instead of [B, S, d].
+
+        cache (KVCache, layer index): x holds the next tokens only; their keys and values are
+        appended to the cache and the queries attend to every cached slot (attn_mask: the
+        cache's [B, 1, S, length + S] mask, positions: the cache's positions).
         """
         batch, seq, dim = x.shape
         head_dim = dim // self.n_heads
@@ -130,6 +185,8 @@ class CausalSelfAttention(nn.Module):
             qkv = self.qkv(x).view(batch, seq, 3, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
             q, k = self.rope(qkv[:2], positions)  # q and k in one pass
             v = qkv[2]
+            if cache is not None:
+                k, v = cache[0].update(cache[1], k, v)
         else:  # keys and values everywhere, queries only at query_index
             w_q, w_kv = self.qkv.weight.split([dim, 2 * dim])
             k, v = F.linear(x, w_kv).view(batch, seq, 2, self.n_heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -174,7 +231,9 @@ class Block(nn.Module):
     nonfinite_output: Tensor | None = None
 
     def forward(self, x: Tensor, k: Tensor | None = None, positions: Tensor | None = None,
-                attn_mask: Tensor | None = None) -> Tensor:
+                attn_mask: Tensor | None = None, cache: tuple[KVCache, int] | None = None) -> Tensor:
+        if cache is not None:  # incremental decoding: no checkpointing, no flags
+            return self._forward(x, k, positions, attn_mask, cache=cache)
         if self.activation_checkpointing and torch.is_grad_enabled():
             out = checkpoint(self._forward, x, k, positions, attn_mask, use_reentrant=False)
         else:
@@ -184,8 +243,9 @@ class Block(nn.Module):
         return out
 
     def _forward(self, x: Tensor, k: Tensor | None, positions: Tensor | None = None,
-                 attn_mask: Tensor | None = None, query_index: Tensor | None = None) -> Tensor:
-        attn_out = self.attn(self.attn_norm(x), positions, attn_mask, query_index)
+                 attn_mask: Tensor | None = None, query_index: Tensor | None = None,
+                 cache: tuple[KVCache, int] | None = None) -> Tensor:
+        attn_out = self.attn(self.attn_norm(x), positions, attn_mask, query_index, cache)
         if query_index is not None:  # continue with the queried positions only
             x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))
         x = x + attn_out
@@ -281,7 +341,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(block.mlp.down.weight, std=out_std)
 
     def forward(self, idx: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None,
-                select: tuple[Tensor, Tensor] | None = None, targets: Tensor | None = None) -> Tensor:
+                select: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
+                targets: Tensor | None = None) -> Tensor:
         """idx: [B, S] token ids → logits [B, S, vocab] (fp32 for a stable cross-entropy).
 
         targets [B, S]: return the mean cross-entropy against them instead (fp32 scalar),
@@ -297,7 +358,18 @@ class Transformer(nn.Module):
         equal to the full forward's there. Scoring wants a few positions per row: the last
         block then runs queries, projection and MLP only there (its keys and values still
         cover every position), and the output head only at the n positions.
+
+        cache: incremental decoding (`KVCache`): idx [B, S] are the next S tokens after those
+        already cached (the prompt first, then one token per step); logits [B, S, vocab] equal
+        a full forward's over the whole sequence at these positions. positions, attn_mask and
+        select are taken from the cache (must be None). Each MoE layer routes the new tokens
+        on their own, which per-token routing makes exact.
         """
+        if cache is not None:
+            if positions is not None or attn_mask is not None or select is not None:
+                raise ValueError("forward(cache=...) takes positions and mask from the cache; pass no positions, "
+                                 "attn_mask or select.")
+            return self._decode(idx, cache)
         if positions is None and idx.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's seq_len {self.cfg.seq_len}.")
         x = self.tok_emb(idx)
@@ -325,6 +397,20 @@ class Transformer(nn.Module):
     # Positions per chunk of the output head in the training loss: [chunk, vocab] fp32 logits
     # at a time (4096 × 32768 × 4 B = 512 MiB at paper scale).
     loss_chunk: int = 4096
+
+    def _decode(self, idx: Tensor, cache: KVCache) -> Tensor:
+        seq = idx.shape[1]
+        if cache.length + seq > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {cache.length} cached + {seq} new do not fit.")
+        x = self.tok_emb(idx)
+        positions = cache.positions(seq)
+        attn_mask = cache.mask(seq, x.dtype)
+        layer_k = iter(self.budget.k()) if self.budget is not None else None
+        for i, block in enumerate(self.blocks):
+            k = next(layer_k) if layer_k is not None and isinstance(block.mlp, MoELayer) else None
+            x = block(x, k, positions, attn_mask, cache=(cache, i))
+        cache.length += seq
+        return self.lm_head(self.norm(x)).float()
 
     # -- interface for the LightningModule and callbacks ---------------------------------
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:

@@ -158,14 +158,13 @@ class LitMoE(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.tokenizer_json is None and datamodule is not None and hasattr(datamodule, "tokenizer_json"):
             self.tokenizer_json = datamodule.tokenizer_json
-        # Training FLOPs per batch from active parameters (6·N·tokens, plus attention scores);
-        # ThroughputMonitor turns this into MFU on GPUs whose peak it knows.
-        # (The input embedding is a lookup, not a matmul: counted only when tied, as the head.)
-        cfg = self.config
-        matmul_params = self.model.num_params()["active"] - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
-        tokens = getattr(datamodule, "batch_size", 1) * cfg.seq_len
-        attention = 12 * cfg.n_layers * cfg.d_model * cfg.seq_len
-        self.flops_per_batch = (6 * matmul_params + attention) * tokens
+        # Training FLOPs per batch from the parameters a token uses (`lit_moe.flops`, design
+        # number of experts); callbacks.TokenThroughputMonitor updates it from the experts the
+        # routers actually used and turns it into MFU (`throughput/mfu`).
+        from lit_moe.flops import flops_per_token
+
+        tokens = getattr(datamodule, "batch_size", 1) * self.config.seq_len
+        self.flops_per_batch = flops_per_token(self.model) * tokens
 
     def teardown(self, stage: str) -> None:
         # Flushing denormals is process-global state; give it back when this run is done.

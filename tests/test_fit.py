@@ -69,6 +69,8 @@ def test_fit_is_tracked_in_mlflow_and_resumes(workdir):
     assert int(run.data.params["params/total"]) > int(run.data.params["params/active"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
+    # SampleCallback: the fixed prompts' continuations after fit.
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "samples")} == {"samples/step000040.txt"}
     last = run.data.tags["checkpoint/last"]
     assert os.path.isfile(last) and os.path.isfile(run.data.tags["checkpoint/best"])
 
