@@ -135,7 +135,8 @@ def test_broken_budget_invariant_stops_with_a_message():
     with torch.no_grad():
         module.model.budget.eta[1] = float("nan")
     cb = ExpertBudgetCallback(mode="monitor")
-    trainer = SimpleNamespace(global_step=7)
+    # Checked at logging steps (a host read): step 7 with logging every 7 steps.
+    trainer = SimpleNamespace(global_step=7, log_every_n_steps=7)
     with pytest.raises(RuntimeError, match="invariant broken at step 7"):
         cb.on_train_batch_end(trainer, module, None, None, 0)
 
