@@ -67,16 +67,18 @@ class SortedDispatch(Dispatch):
         slots = num_experts if slots is None else min(slots, num_experts)
         pair_weight, pair_expert, order, groups = sort_pairs(weights, slots, skip_zero)
         # Rows in the compute dtype before the gather: the copy moves half the bytes in bf16.
-        x_sorted = x.to(compute_dtype(x))[order // slots]
+        # index_select, whose backward is an index_add (advanced indexing's would sort).
+        x_sorted = x.to(compute_dtype(x)).index_select(0, order // slots)
         if confidence is None:
             y_sorted = experts(x_sorted, groups)
         else:
             pair_confidence = confidence.gather(1, pair_expert).flatten()[order]
             y_sorted = experts(x_sorted, groups, confidence=pair_confidence)
-        # Back to (token, slot) order through the inverse permutation of `order` (a gather),
-        # then each token's weighted sum over its slots as one batched matmul: no scatter-add.
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        y_pairs = y_sorted[inverse].view(tokens, slots, y_sorted.shape[-1])
+        # Back to (token, slot) order: row i goes to pair order[i], a permutation (its backward
+        # is a gather), then each token's weighted sum over its slots as one batched matmul:
+        # no scatter-add.
+        y_pairs = y_sorted.new_empty(y_sorted.shape).index_copy(0, order, y_sorted)
+        y_pairs = y_pairs.view(tokens, slots, y_sorted.shape[-1])
         return torch.bmm(pair_weight.to(y_pairs.dtype).unsqueeze(1), y_pairs).squeeze(1)
 
 
