@@ -29,7 +29,7 @@ from lit_moe.model import ModelConfig, Transformer
 from lit_moe.tokenizer import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(d_model=192, n_layers=4, n_heads=4, num_experts=8, expert_hidden=256, vocab_size=8192, seq_len=256)
+TINY = dict(d_model=128, n_layers=4, n_heads=4, num_experts=8, expert_hidden=256, vocab_size=4096, seq_len=256)
 
 
 def tiny_lm(batch_size: int) -> LitMoELM:

@@ -93,9 +93,9 @@ def tiny_training_step(repeats: int) -> dict:
 
     from lit_moe.model import ModelConfig, Transformer
 
-    base = dict(vocab_size=8192, seq_len=256, d_model=192, n_layers=4, n_heads=4, num_experts=8, expert_hidden=256)
+    base = dict(vocab_size=4096, seq_len=256, d_model=128, n_layers=4, n_heads=4, num_experts=8, expert_hidden=256)
     kappa_experts = {"class_path": "lit_moe.moe.KappaSwiGLUExperts", "init_args": {"fused": True}}
-    batch = torch.randint(0, 8192, (16, 257))
+    batch = torch.randint(0, 4096, (16, 257))
     steps = {}
     for name, experts in (("plain", None), ("kappa", kappa_experts)):
         torch.manual_seed(0)
@@ -104,7 +104,7 @@ def tiny_training_step(repeats: int) -> dict:
 
         def fn(model=model, opt=opt):
             logits = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, 8192), batch[:, 1:].reshape(-1)) + model.weighted_aux_loss()
+            loss = F.cross_entropy(logits.reshape(-1, 4096), batch[:, 1:].reshape(-1)) + model.weighted_aux_loss()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -134,8 +134,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as LitMoE does on CPU
-    # (d, E, h): the two layer shapes of the issue, and the tiny config's layer (d=192, 16×256 tokens).
-    shapes = [] if args.tiny_step_only else [(args.d_model, 8, 1024), (args.d_model, 64, 256), (192, 8, 256)]
+    # (d, E, h): the two layer shapes of the issue, and the tiny config's layer (d=128, 16×256 tokens).
+    shapes = [] if args.tiny_step_only else [(args.d_model, 8, 1024), (args.d_model, 64, 256), (128, 8, 256)]
     for d_model, num_experts, hidden in shapes:
         torch.manual_seed(0)
         plain = MoELayer(d_model, hidden, num_experts, ROUTER, {"class_path": "lit_moe.moe.SwiGLUExperts"}, DISPATCH)

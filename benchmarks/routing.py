@@ -81,18 +81,18 @@ def router(tokens: int, experts: int, d_model: int, repeats: int) -> dict:
 
 
 def training_step(repeats: int) -> dict:
-    base = dict(vocab_size=8192, seq_len=256, d_model=192, n_layers=4, n_heads=4, num_experts=8, expert_hidden=256)
+    base = dict(vocab_size=4096, seq_len=256, d_model=128, n_layers=4, n_heads=4, num_experts=8, expert_hidden=256)
     soft_cfg = ModelConfig(**base, router={"class_path": "lit_moe.moe.SoftTopKRouter",
                                            "init_args": {"k": 2.0, "theta": 0.0, "cap": 1.0}})
     topk_cfg = ModelConfig(**base, router={"class_path": "lit_moe.moe.TopKRouter", "init_args": {"top_k": 2}})
-    batch = torch.randint(0, 8192, (16, 257))
+    batch = torch.randint(0, 4096, (16, 257))
 
     def run(model):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def fn():
             logits = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, 8192), batch[:, 1:].reshape(-1)) + model.weighted_aux_loss()
+            loss = F.cross_entropy(logits.reshape(-1, 4096), batch[:, 1:].reshape(-1)) + model.weighted_aux_loss()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
