@@ -14,9 +14,14 @@ The installed console script `lit-moe` is the same program.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import re
 import sys
+import typing
 import uuid
+from argparse import ArgumentError
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -28,8 +33,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from callbacks.fault_tolerance import FaultToleranceCallback
 from callbacks.mlflow_utils import log_text_artifact
+from lit_moe.components import class_path_of
 from lit_moe.data import LMDataModule
 from lit_moe.errors import ConfigError, NonFiniteLossError
+from lit_moe.model import COMPONENTS, ModelConfig
 from lit_moe.module import LitMoE
 
 # Every run is tracked in MLflow by default: an embedded SQLite store in the working
@@ -64,11 +71,108 @@ def _check_writable(directory: str, what: str, fix: str) -> None:
         raise ConfigError(f"{what} '{directory}' is not writable ({err.strerror or err}); {fix}.") from err
 
 
+def _component_kinds() -> dict[str, tuple[type, int]]:
+    """{field: (base class, number of arguments the model supplies)} of ModelConfig's components,
+    read from their `Callable[[...], Base]` types."""
+    hints = typing.get_type_hints(ModelConfig)
+    return {name: (typing.get_args(hints[name])[1], len(typing.get_args(hints[name])[0])) for name in COMPONENTS}
+
+
+def _component_classes(field: str, base: type) -> list[type]:
+    """The classes a component field accepts: the imported subclasses of its base, and the base
+    itself where it is the default (dense_mlp's DenseSwiGLU)."""
+    found: list[type] = []
+    pending = [base]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if cls is not base and not cls.__name__.startswith("_") and "<locals>" not in cls.__qualname__:
+            found.append(cls)
+    if getattr(ModelConfig(), field)["class_path"].rpartition(".")[2] == base.__name__:
+        found.append(base)
+    return sorted(set(found), key=lambda c: c.__name__)
+
+
+def _options(cls: type, structural: int) -> dict[str, inspect.Parameter]:
+    """A component class's user options: its constructor's parameters after those the model supplies."""
+    params = [p for p in inspect.signature(cls.__init__).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return {p.name: p for p in params[1 + structural:]}
+
+
+def _given_class(message: str) -> type | None:
+    match = re.search(r"Got value: Namespace\(class_path='([\w.]+)'", message)
+    if not match:
+        return None
+    module, _, name = match.group(1).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def _component_error(message: str, key: str, field: str) -> str | None:
+    """One sentence for jsonargparse's error about a component argument (`key`, e.g.
+    model.config.router): the unknown class or option, or the option whose value does not fit
+    its type, with what is accepted. None when the message is of another kind."""
+    base, structural = _component_kinds()[field]
+    classes = _component_classes(field, base)
+    cls = _given_class(message)
+    unknown_class = (re.search(r"Expected a dot import path string: (\S+)", message)
+                     or re.search(r"Expected '([\w.]+)' to be a subclass", message)
+                     or re.search(r"has no attribute '\w+'\. Got value: (?:Namespace\(class_path=')?([\w.]+)", message))
+    if unknown_class:
+        return (f"{key}: '{unknown_class.group(1)}' is not a {base.__name__} class. Choose one of "
+                f"{', '.join(c.__name__ for c in classes)} (a short name or a full class_path such as "
+                f"{class_path_of(classes[0])}).")
+    if cls is None:
+        return None
+    options = _options(cls, structural)
+    usage = f"`--{key}.help {cls.__name__}` lists them with their types and defaults"
+    unknown_option = re.search(r"Option '(\w+)' is not accepted", message)
+    if unknown_option:
+        name = unknown_option.group(1)
+        text = (f"{key}: {cls.__name__} has no option '{name}'. Its options: {', '.join(options) or 'none'} "
+                f"({usage}).")
+        owners = [c.__name__ for c in classes if c is not cls and name in _options(c, structural)]
+        if owners:
+            text += (f" '{name}' is an option of {' / '.join(owners)}: choose the class first, e.g. "
+                     f"--{key} {owners[0]} --{key}.{name} VALUE.")
+        return text
+    bad_value = re.search(r'callable class: Parser key "(\w+)":', message)
+    if bad_value and bad_value.group(1) in options:
+        name = bad_value.group(1)
+        annotation = options[name].annotation
+        expected = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+        value = re.search(rf"init_args=Namespace\(.*?\b{name}=('(?:[^'\\]|\\.)*'|[^,)]+)", message)
+        given = f" got {value.group(1)}," if value else ""
+        return f"{key}: {cls.__name__} option {name}:{given} expected {expected} ({usage})."
+    return None
+
+
+def parse_error_message(message: str) -> str:
+    """jsonargparse's parse error as one message; about a model component (router, experts,
+    dispatch, dense_mlp), it names the class, the option and what is accepted."""
+    match = re.match(r'Parser key "((?:[\w]+\.)*config\.(\w+))"', message)
+    if match and match.group(2) in COMPONENTS:
+        text = _component_error(message, match.group(1), match.group(2))
+        if text:
+            return text
+    # Drop jsonargparse's restatement of the type, which names our factory type rather than the problem.
+    return re.sub(r"Type typing\.Callable\[.*?\] expects a function or a callable class: ", "", message)
+
+
 class LitMoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         # The data module owns sequence length and tokenizer; the model follows them.
         parser.link_arguments("data.seq_len", "model.config.seq_len")
         parser.link_arguments("data.vocab_size_padded", "model.config.vocab_size", apply_on="instantiate")
+
+    def init_parser(self, **kwargs: Any):  # noqa: ANN201 (LightningArgumentParser)
+        # Parse errors raise (ArgumentError) instead of printing the whole usage and exiting:
+        # `main` shows them as one message, like every other configuration mistake.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
         # jsonargparse resolves class_paths while merging configs (to drop options of a
@@ -77,6 +181,17 @@ class LitMoECLI(LightningCLI):
             super().parse_arguments(parser, args)
         except (ImportError, AttributeError) as err:
             raise ConfigError(f"invalid configuration: {err}. Check the class_path spelling.") from err
+        except ArgumentError as err:
+            raise ConfigError(parse_error_message(str(err))) from err
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI re-parses the model hyperparameters stored in a `--ckpt_path` checkpoint.
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as err:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            raise ConfigError(f"the model config stored in checkpoint '{ckpt_path}' does not parse: "
+                              f"{parse_error_message(str(err))}") from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with device and strategy mistakes turned into one message naming them."""
@@ -151,6 +266,11 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except ArgumentError as err:  # a parse error outside `parse_arguments`
+        if os.environ.get("LIT_MOE_DEBUG"):
+            raise
+        print(f"error: {parse_error_message(str(err))}", file=sys.stderr)
+        sys.exit(2)
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
         if os.environ.get("LIT_MOE_DEBUG"):
             raise

@@ -171,8 +171,13 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tupl
         raise ConfigError(f"checkpoint '{path}' carries no tokenizer; re-save it from a run that used "
                           f"lit_moe.data.LMDataModule (which stores tokenizer.json in the checkpoint).")
     # LightningCLI adds bookkeeping keys (e.g. `_instantiator`); keep only LitMoE's own arguments.
+    # Components are stored as plain {class_path, init_args} specs and rebuilt without the CLI.
     accepted = inspect.signature(LitMoE.__init__).parameters
-    module = LitMoE(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
+    try:
+        module = LitMoE(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint '{path}': its model config cannot be built by this version of lit-moe: "
+                          f"{err}") from err
     check_compatible(checkpoint, module, path)
     module.load_state_dict(checkpoint["state_dict"])
     module.tokenizer_json = tokenizer_json

@@ -1,18 +1,28 @@
-"""Build swappable components (router, experts, activation) from `class_path` specs.
+"""Swappable components (router, experts, dispatch, dense MLP): given as factories, kept as specs.
 
-A spec is the YAML form jsonargparse uses everywhere else in the CLI:
+On the command line and in YAML a component is what LightningCLI gives any class-typed
+argument: a class (short names resolve) and its options,
 
     router:
       class_path: lit_moe.moe.TopKRouter
       init_args: {top_k: 2}
 
-Specs stay plain dicts inside the model config so that a checkpoint's hyperparameters are
-plain data and the model can be rebuilt from the checkpoint alone. Each MoE layer calls
-`build_component` to get its own instance (a router owns per-layer state: losses, metrics).
+    --model.config.router SoftTopKRouter --model.config.router.k 1.5
+
+`ModelConfig` types each one as a callable returning the component, e.g. `Callable[[int, int],
+Router]`: the model supplies the structural arguments (d_model, num_experts, ...) when it builds
+each layer, the user the rest, which jsonargparse then checks by name and type at parse time
+and hands over as a factory (`functools.partial` of the class with the options bound).
+
+Inside the model config a component is always held as its spec, a plain dict
+{class_path, init_args} (`component_spec`), so a checkpoint's hyperparameters are plain data and
+the model is rebuilt from the checkpoint alone, without the CLI. Each MoE layer calls
+`build_component` for its own instance (a router owns per-layer state: losses, metrics).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Any
@@ -20,6 +30,8 @@ from typing import Any
 from lit_moe.errors import ConfigError
 
 ComponentSpec = dict[str, Any]
+
+_PLAIN = (type(None), bool, int, float, str)
 
 
 def _import_class(class_path: str, role: str) -> type:
@@ -42,20 +54,93 @@ def _import_class(class_path: str, role: str) -> type:
     return cls
 
 
-def build_component(spec: ComponentSpec | str, base: type, role: str, *args: Any, **kwargs: Any) -> Any:
-    """Instantiate `spec` (a class_path string or {class_path, init_args}) as a subclass of `base`.
+def class_path_of(cls: type) -> str:
+    """Dotted path of `cls`, the shortest public one when a parent package re-exports it
+    (`lit_moe.moe.TopKRouter` rather than `lit_moe.moe.router.TopKRouter`)."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts)):
+        package = ".".join(parts[:end])
+        try:
+            if getattr(importlib.import_module(package), cls.__name__, None) is cls:
+                return f"{package}.{cls.__name__}"
+        except ImportError:
+            continue
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _plain_data(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return False
+
+
+def _factory_class(factory: functools.partial) -> type | None:
+    """The class a factory builds: `partial(cls, **options)`, or jsonargparse's
+    `partial(<instantiator helper>, <instantiator>, cls, **options)` for a Callable-typed argument."""
+    if inspect.isclass(factory.func):
+        return factory.func if not factory.args else None
+    if getattr(factory.func, "__module__", "").split(".")[0] == "jsonargparse":
+        classes = [a for a in factory.args if inspect.isclass(a)]
+        if len(classes) == 1 and factory.args[-1] is classes[0]:
+            return classes[0]
+    return None
+
+
+def component_spec(value: Any, role: str) -> ComponentSpec:
+    """The plain {class_path[, init_args]} spec of a component given as
+
+    - a spec dict (YAML, Python, checkpoints) or a bare class_path string;
+    - a class (its defaults) or a factory `functools.partial(cls, **options)`, which is what
+      the CLI hands over for a `Callable[..., Base]`-typed argument.
+
+    Other callables (a lambda, a function) cannot be stored in a checkpoint and are refused.
+    """
+    if isinstance(value, str):
+        return {"class_path": value}
+    if isinstance(value, dict):
+        if "class_path" not in value:
+            raise ConfigError(f"{role}: expected a mapping with 'class_path' (and optional 'init_args'), "
+                              f"got {value!r}.")
+        extra = set(value) - {"class_path", "init_args"}
+        if extra:
+            raise ConfigError(f"{role}: unexpected key(s) {sorted(extra)} beside class_path; options go in "
+                              f"init_args (on the command line: --{role}.OPTION VALUE or "
+                              f"--{role}.init_args.OPTION VALUE).")
+        init_args = value.get("init_args")
+        if init_args is not None and not isinstance(init_args, dict):
+            raise ConfigError(f"{role}: init_args must be a mapping of option names to values, got {init_args!r}.")
+        spec = {"class_path": value["class_path"]}
+        if init_args is not None:
+            spec["init_args"] = dict(init_args)
+        return spec
+    if inspect.isclass(value):
+        return {"class_path": class_path_of(value)}
+    if isinstance(value, functools.partial):
+        cls = _factory_class(value)
+        if cls is not None:
+            options = dict(value.keywords)
+            bad = sorted(name for name, v in options.items() if not _plain_data(v))
+            if bad:
+                raise ConfigError(f"{role}: {cls.__name__} option(s) {bad} are not plain data (numbers, strings, "
+                                  f"lists, mappings), so the model config could not be stored in a checkpoint.")
+            return {"class_path": class_path_of(cls), "init_args": options}
+    raise ConfigError(f"{role}: got {value!r}; give a class (with options: a {{class_path, init_args}} mapping "
+                      f"or functools.partial(cls, **options)) so that checkpoints can rebuild it.")
+
+
+def build_component(spec: Any, base: type, role: str, *args: Any, **kwargs: Any) -> Any:
+    """Instantiate `spec` (any form `component_spec` takes) as a subclass of `base`.
 
     `args`/`kwargs` are the structural arguments the caller owns (e.g. d_model, num_experts);
     `init_args` are the user's options. Unknown option names are refused with the list of
-    valid ones, so a misspelled key never silently falls back to a default.
+    valid ones, so a misspelled key never silently falls back to a default; a value the class
+    refuses comes back as one ConfigError starting with `role`.
     """
-    if isinstance(spec, str):
-        spec = {"class_path": spec}
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ConfigError(f"{role}: expected a mapping with 'class_path' (and optional 'init_args'), got {spec!r}.")
-    extra = set(spec) - {"class_path", "init_args"}
-    if extra:
-        raise ConfigError(f"{role}: unexpected key(s) {sorted(extra)}; only 'class_path' and 'init_args' are allowed.")
+    spec = component_spec(spec, role)
     cls = _import_class(spec["class_path"], role)
     if not (inspect.isclass(cls) and issubclass(cls, base)):
         raise ConfigError(f"{role}: '{spec['class_path']}' is not a {base.__name__} subclass.")
@@ -72,4 +157,9 @@ def build_component(spec: ComponentSpec | str, base: type, role: str, *args: Any
     clash = sorted(set(init_args) & structural)
     if clash:
         raise ConfigError(f"{role}: option(s) {clash} are set by the model config, not in init_args.")
-    return cls(*args, **kwargs, **init_args)
+    try:
+        return cls(*args, **kwargs, **init_args)
+    except ConfigError as err:
+        if str(err).startswith(role):
+            raise
+        raise ConfigError(f"{role}: {err}") from err

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,23 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_moe.budget import GlobalExpertBudget
-from lit_moe.components import build_component
+from lit_moe.components import build_component, component_spec
 from lit_moe.errors import ConfigError
 from lit_moe.losses import linear_cross_entropy
-from lit_moe.moe.experts import DenseSwiGLU, SwiGLUExperts
+from lit_moe.moe.dispatch import Dispatch
+from lit_moe.moe.experts import DenseSwiGLU, Experts, SwiGLUExperts
 from lit_moe.moe.layer import MoELayer
 from lit_moe.moe.router import Router, nonfinite
+
+
+# Component types: a callable that builds the component from the arguments the model owns,
+# given on the command line or in YAML as a class (short name or class_path) plus its options;
+# jsonargparse checks them at parse time. Each field is held as its {class_path, init_args} spec.
+RouterFactory = Callable[[int, int], Router]  # (d_model, num_experts) -> Router
+ExpertsFactory = Callable[[int, int, int], Experts]  # (d_model, expert_hidden, num_experts) -> Experts
+DispatchFactory = Callable[[], Dispatch]
+DenseMLPFactory = Callable[[int, int], DenseSwiGLU]  # (d_model, dense_hidden) -> DenseSwiGLU
+COMPONENTS = ("router", "experts", "dispatch", "dense_mlp")
 
 
 def _default_router() -> dict[str, Any]:
@@ -39,7 +50,11 @@ def _default_router() -> dict[str, Any]:
 class ModelConfig:
     """Model hyperparameters; LightningCLI fills this from YAML (`model.config.*`).
 
-    Components (`router`, `experts`, `dispatch`) are `{class_path, init_args}` specs.
+    Components (`router`, `experts`, `dispatch`, `dense_mlp`) are given as a class with its
+    options: a `{class_path, init_args}` mapping, a class, or a factory
+    `functools.partial(cls, **options)` (what the CLI passes); the model supplies the
+    structural arguments (d_model, num_experts, hidden sizes). After construction each is held
+    as its plain `{class_path, init_args}` spec (`lit_moe.components.component_spec`).
     `vocab_size` is linked from the data module's tokenizer by the CLI.
     """
 
@@ -52,11 +67,11 @@ class ModelConfig:
     dense_hidden: int = 512
     num_experts: int = 8
     expert_hidden: int = 256
-    router: dict[str, Any] = field(default_factory=_default_router)
-    experts: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.SwiGLUExperts"})
-    dispatch: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.SortedDispatch"})
+    router: RouterFactory = field(default_factory=_default_router)
+    experts: ExpertsFactory = field(default_factory=lambda: {"class_path": "lit_moe.moe.SwiGLUExperts"})
+    dispatch: DispatchFactory = field(default_factory=lambda: {"class_path": "lit_moe.moe.SortedDispatch"})
     # MLP of the first `n_dense_layers` blocks (a DenseSwiGLU subclass, e.g. KappaDenseSwiGLU).
-    dense_mlp: dict[str, Any] = field(default_factory=lambda: {"class_path": "lit_moe.moe.DenseSwiGLU"})
+    dense_mlp: DenseMLPFactory = field(default_factory=lambda: {"class_path": "lit_moe.moe.DenseSwiGLU"})
     # SoftMoE global expert budget: {"total": K, "learnable": true|false}. None: no budget
     # (each router uses its own k). K is the sum of per-layer expert counts over MoE layers.
     budget: dict[str, Any] | None = None
@@ -64,6 +79,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in COMPONENTS:
+            setattr(self, name, component_spec(getattr(self, name), f"model.config.{name}"))
 
     def validate(self) -> None:
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "num_experts", "expert_hidden"):
@@ -221,7 +240,8 @@ class Block(nn.Module):
         if moe:
             self.mlp = MoELayer(cfg.d_model, cfg.expert_hidden, cfg.num_experts, cfg.router, cfg.experts, cfg.dispatch)
         else:
-            self.mlp = build_component(cfg.dense_mlp, DenseSwiGLU, "dense_mlp", cfg.d_model, cfg.dense_hidden)
+            self.mlp = build_component(cfg.dense_mlp, DenseSwiGLU, "model.config.dense_mlp", cfg.d_model,
+                                       cfg.dense_hidden)
 
     # Recompute this block's activations in backward instead of keeping them (set by
     # LitMoE(activation_checkpointing=True); a plain attribute, not part of the state dict).

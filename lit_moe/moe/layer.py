@@ -1,6 +1,8 @@
-"""MoE layer = router + experts + dispatch, each built from a `class_path` spec."""
+"""MoE layer = router + experts + dispatch, each built from a spec or factory (`lit_moe.components`)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 from torch import Tensor, nn
 
@@ -12,12 +14,13 @@ from lit_moe.moe.router import Router
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, hidden: int, num_experts: int, router: ComponentSpec,
-                 experts: ComponentSpec, dispatch: ComponentSpec):
+    def __init__(self, d_model: int, hidden: int, num_experts: int, router: ComponentSpec | Callable[..., Router],
+                 experts: ComponentSpec | Callable[..., Experts], dispatch: ComponentSpec | Callable[..., Dispatch]):
         super().__init__()
-        self.router: Router = build_component(router, Router, "router", d_model, num_experts)
-        self.experts: Experts = build_component(experts, Experts, "experts", d_model, hidden, num_experts)
-        self.dispatch: Dispatch = build_component(dispatch, Dispatch, "dispatch")
+        self.router: Router = build_component(router, Router, "model.config.router", d_model, num_experts)
+        self.experts: Experts = build_component(experts, Experts, "model.config.experts", d_model, hidden,
+                                                num_experts)
+        self.dispatch: Dispatch = build_component(dispatch, Dispatch, "model.config.dispatch")
         mode = self.experts.confidence_mode
         if mode is not None and mode not in self.router.confidence_modes:
             raise ConfigError(f"experts: {type(self.experts).__name__} needs confidence {mode!r}, which "

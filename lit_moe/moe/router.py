@@ -214,6 +214,13 @@ class TopKRouter(Router):
     ceil(c · T · k / E) tokens, in token order (as in Switch); overflow assignments are
     dropped (weight 0, the token passes through the residual only for that expert) and
     counted in `dropped` (a device tensor; no host sync).
+
+    Args:
+        top_k: experts per token, 1..num_experts.
+        capacity_factor: c > 0, each expert's capacity as a multiple of its even share
+            T·k/E of the assignments; null: dropless.
+        lb_weight: weight of the load-balancing loss (≥ 0).
+        z_weight: weight of the router z-loss (≥ 0).
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, capacity_factor: float | None = None,
@@ -267,6 +274,15 @@ class SoftTopKRouter(Router):
     Non-finite logits are flagged on the device like every router's (`nonfinite_logits`) and
     reported by LitMoE's `nan_policy`; the former `check_finite` option (a host sync per
     layer) is deprecated and ignored.
+
+    Args:
+        k: expected experts per token, in (0, num_experts); the budget's per-layer k replaces it.
+        alpha: α > 0, the Laplace scale of the soft top-k (smaller: closer to hard top-k).
+        theta: θ ≥ 0, the truncation threshold τ = θ·k/E.
+        cap: at most ⌈k·cap⌉ experts per token (≥ 1).
+        lb_weight: weight of the load-balancing loss (≥ 0).
+        z_weight: weight of the router z-loss (≥ 0).
+        check_finite: deprecated and ignored.
     """
 
     uses_budget_k = True
