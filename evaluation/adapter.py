@@ -142,7 +142,7 @@ class LitMoELM(TemplateLM):
         if unused:
             warnings.warn(f"lit_moe ignores model arguments {sorted(unused)}", stacklevel=2)
         if checkpoint is not None:
-            from lit_moe.checkpoint import load_checkpoint  # imports Lightning: only when needed
+            from lit_moe.module import load_checkpoint  # imports Lightning: only when needed
 
             module, tokenizer = load_checkpoint(str(checkpoint))
             model = module.model

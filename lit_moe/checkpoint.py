@@ -1,4 +1,5 @@
-"""Rebuild a trained model and its tokenizer from a checkpoint, and check that a checkpoint fits.
+"""Read saved models and check that a checkpoint fits (plain torch; `lit_moe.module.load_checkpoint`
+builds the LightningModule from what this reads).
 
 A checkpoint is either one `.ckpt` file (single device, DDP) or a sharded directory written
 under FSDP2 (`torch.distributed.checkpoint` shards plus Lightning's `meta.pt` holding
@@ -9,19 +10,16 @@ and callback states). Both load in a single process: a sharded one is consolidat
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import json
 import os
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
-from tokenizers import Tokenizer
+from torch import nn
 
 from lit_moe.errors import ConfigError
 from lit_moe.model import ModelConfig
-from lit_moe.tokenizer import tokenizer_from_json
-
-if TYPE_CHECKING:
-    from lit_moe.module import LitMoE
 
 # Lightning's name for the non-tensor part of a sharded checkpoint directory.
 SHARDED_METADATA = "meta.pt"
@@ -114,7 +112,7 @@ def _likely_fields(shape_a: tuple[int, ...], shape_b: tuple[int, ...], config: M
     return list(dict.fromkeys(fields)) or ["the model config"]
 
 
-def check_compatible(checkpoint: dict[str, Any], module: LitMoE, path: str) -> None:
+def check_compatible(checkpoint: dict[str, Any], module: nn.Module, path: str) -> None:
     """Raise ConfigError naming the mismatch when `checkpoint` was written for a model of another
     shape than `module` (a different config): the first differing parameter with both shapes,
     and the config fields that differ (or, without a stored config, the likely ones)."""
@@ -147,39 +145,33 @@ def check_compatible(checkpoint: dict[str, Any], module: LitMoE, path: str) -> N
                       f"checkpoint was trained with (`evaluate` reads it from the checkpoint itself).")
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tuple[LitMoE, Tokenizer]:
-    """(LitMoE in eval mode, tokenizer) from a checkpoint file or sharded directory written by
-    `fit`, or a directory written by `export --format safetensors`."""
-    from lit_moe.export import is_export_directory, load_export
-    from lit_moe.module import LitMoE
+# -- `export --format safetensors` directories ------------------------------------------------
+EXPORT_CONFIG = "lit_moe_config.json"  # marks a `--format safetensors` directory
+WEIGHTS = "model.safetensors"
 
-    if is_export_directory(path):
-        config, state, tokenizer_json = load_export(path)
-        module = LitMoE(config)
-        try:
-            module.model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ConfigError(f"exported model '{path}' does not fit its own config ({err}).") from err
-        module.tokenizer_json = tokenizer_json
-        module.to(map_location).eval()
-        return module, tokenizer_from_json(tokenizer_json)
-    checkpoint = read_checkpoint(path)
-    if "hyper_parameters" not in checkpoint or "config" not in checkpoint["hyper_parameters"]:
-        raise ConfigError(f"checkpoint '{path}' has no lit-moe model config; was it written by lit-moe's `fit`?")
-    tokenizer_json = checkpoint.get("tokenizer_json")
-    if not tokenizer_json:
-        raise ConfigError(f"checkpoint '{path}' carries no tokenizer; re-save it from a run that used "
-                          f"lit_moe.data.LMDataModule (which stores tokenizer.json in the checkpoint).")
-    # LightningCLI adds bookkeeping keys (e.g. `_instantiator`); keep only LitMoE's own arguments.
-    # Components are stored as plain {class_path, init_args} specs and rebuilt without the CLI.
-    accepted = inspect.signature(LitMoE.__init__).parameters
+
+def safetensors_io():  # noqa: ANN201
+    """(save_file, load_file) of safetensors, or one clear message when it is missing."""
     try:
-        module = LitMoE(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
-    except ConfigError as err:
-        raise ConfigError(f"checkpoint '{path}': its model config cannot be built by this version of lit-moe: "
-                          f"{err}") from err
-    check_compatible(checkpoint, module, path)
-    module.load_state_dict(checkpoint["state_dict"])
-    module.tokenizer_json = tokenizer_json
-    module.to(map_location).eval()
-    return module, tokenizer_from_json(tokenizer_json)
+        from safetensors.torch import load_file, save_file
+    except ImportError as err:  # pragma: no cover - safetensors is a dependency
+        raise ConfigError("exporting needs the safetensors package: pip install 'lit-moe[hf]'.") from err
+    return save_file, load_file
+
+
+def is_export_directory(path: str | os.PathLike) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, EXPORT_CONFIG))
+
+
+def load_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any], str]:
+    """(model config, state dict with extra state, tokenizer JSON) of a `--format safetensors` directory."""
+    _, load_file = safetensors_io()
+    try:
+        meta = json.loads(Path(path, EXPORT_CONFIG).read_text())
+        state: dict[str, Any] = load_file(str(Path(path, WEIGHTS)))
+        tokenizer_json = Path(path, "tokenizer.json").read_text(encoding="utf-8")
+        config = ModelConfig(**meta["model_config"])
+    except Exception as err:
+        raise ConfigError(f"exported model '{path}' cannot be read ({type(err).__name__}: {err}).") from err
+    state.update(meta.get("extra_state") or {})
+    return config, state, tokenizer_json

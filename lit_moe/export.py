@@ -45,20 +45,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_moe.checkpoint import EXPORT_CONFIG, WEIGHTS, safetensors_io
 from lit_moe.errors import ConfigError
-from lit_moe.model import ModelConfig, Transformer
+from lit_moe.model import Transformer
 
-EXPORT_CONFIG = "lit_moe_config.json"  # marks a `--format safetensors` directory
-WEIGHTS = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _safetensors():  # noqa: ANN202
-    try:
-        from safetensors.torch import load_file, save_file
-    except ImportError as err:  # pragma: no cover - safetensors is a dependency
-        raise ConfigError("exporting needs the safetensors package: pip install 'lit-moe[hf]'.") from err
-    return save_file, load_file
 
 
 # -- Mixtral ---------------------------------------------------------------------------------
@@ -180,7 +171,7 @@ def export_hf(model: Transformer, tokenizer, output: str | os.PathLike, dtype: t
     if reasons:
         raise ConfigError("this model cannot be exported as Hugging Face Mixtral: " + "; ".join(reasons) +
                           ". Use --format safetensors (lit-moe's own format, read by `generate` and `evaluate`).")
-    save_file, _ = _safetensors()
+    save_file, _ = safetensors_io()
     eot = eot_id(tokenizer)
     config = mixtral_config(model, eot, dtype)
     generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": False,
@@ -201,7 +192,7 @@ def export_safetensors(model: Transformer, tokenizer, output: str | os.PathLike,
                        dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
     """Any lit-moe model: model.safetensors (the Transformer's state dict), lit_moe_config.json
     (model config and the non-tensor extra state, e.g. SoftMoE's α, θ) and tokenizer.json."""
-    save_file, _ = _safetensors()
+    save_file, _ = safetensors_io()
     tensors, extra = {}, {}
     for name, value in model.state_dict().items():
         if isinstance(value, Tensor):
@@ -218,24 +209,6 @@ def export_safetensors(model: Transformer, tokenizer, output: str | os.PathLike,
         (tmp / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
 
     return _write_directory(output, write, overwrite)
-
-
-def is_export_directory(path: str | os.PathLike) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, EXPORT_CONFIG))
-
-
-def load_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any], str]:
-    """(model config, state dict with extra state, tokenizer JSON) of a `--format safetensors` directory."""
-    _, load_file = _safetensors()
-    try:
-        meta = json.loads(Path(path, EXPORT_CONFIG).read_text())
-        state: dict[str, Any] = load_file(str(Path(path, WEIGHTS)))
-        tokenizer_json = Path(path, "tokenizer.json").read_text(encoding="utf-8")
-        config = ModelConfig(**meta["model_config"])
-    except Exception as err:
-        raise ConfigError(f"exported model '{path}' cannot be read ({type(err).__name__}: {err}).") from err
-    state.update(meta.get("extra_state") or {})
-    return config, state, tokenizer_json
 
 
 def _write_directory(output: str | os.PathLike, write, overwrite: bool) -> Path:  # noqa: ANN001
@@ -280,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(args: list[str] | None = None) -> Path:
     """`lit-moe export`: bad input raises ConfigError (cli.py prints it, exit 2)."""
     opts = _parser().parse_args(args)
-    from lit_moe.checkpoint import load_checkpoint  # imports Lightning
+    from lit_moe.module import load_checkpoint  # imports Lightning
 
     module, tokenizer = load_checkpoint(opts.ckpt_path)
     export = export_hf if opts.format == "hf" else export_safetensors

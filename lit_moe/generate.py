@@ -230,7 +230,7 @@ def main(args: list[str] | None = None) -> list[str]:
         raise ConfigError(f"--max_new_tokens must be ≥ 1, got {opts.max_new_tokens}.")
     prompts = _read_prompts(opts)
 
-    from lit_moe.checkpoint import load_checkpoint  # imports Lightning: after the cheap checks
+    from lit_moe.module import load_checkpoint  # imports Lightning: after the cheap checks
     from lit_moe.tokenizer import eot_id
 
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")

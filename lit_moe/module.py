@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import time
 from typing import Any, Literal
@@ -16,12 +17,15 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lit_moe.checkpoint import check_compatible, is_export_directory, load_export, read_checkpoint
 from lit_moe.errors import ConfigError, NonFiniteLossError
 from lit_moe.model import ModelConfig, Transformer
 from lit_moe.rng import rng_state, set_rng_state
+from lit_moe.tokenizer import tokenizer_from_json
 
 Schedule = Literal["cosine", "wsd", "constant"]
 NanPolicy = Literal["skip", "stop"]
@@ -215,8 +219,6 @@ class LitMoE(L.LightningModule):
             checkpoint["rng_states"] = [state]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from lit_moe.checkpoint import check_compatible
-
         check_compatible(checkpoint, self, str(self.trainer.ckpt_path) if self._trainer is not None else "checkpoint")
         self.tokenizer_json = checkpoint.get("tokenizer_json", self.tokenizer_json)
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
@@ -331,3 +333,38 @@ class LitMoE(L.LightningModule):
             lambda step: lr_multiplier(step, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio, hp.decay_fraction),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tuple[LitMoE, Tokenizer]:
+    """(LitMoE in eval mode, tokenizer) from a checkpoint file or sharded directory written by
+    `fit`, or a directory written by `export --format safetensors`."""
+    if is_export_directory(path):
+        config, state, tokenizer_json = load_export(path)
+        module = LitMoE(config)
+        try:
+            module.model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ConfigError(f"exported model '{path}' does not fit its own config ({err}).") from err
+        module.tokenizer_json = tokenizer_json
+        module.to(map_location).eval()
+        return module, tokenizer_from_json(tokenizer_json)
+    checkpoint = read_checkpoint(path)
+    if "hyper_parameters" not in checkpoint or "config" not in checkpoint["hyper_parameters"]:
+        raise ConfigError(f"checkpoint '{path}' has no lit-moe model config; was it written by lit-moe's `fit`?")
+    tokenizer_json = checkpoint.get("tokenizer_json")
+    if not tokenizer_json:
+        raise ConfigError(f"checkpoint '{path}' carries no tokenizer; re-save it from a run that used "
+                          f"lit_moe.data.LMDataModule (which stores tokenizer.json in the checkpoint).")
+    # LightningCLI adds bookkeeping keys (e.g. `_instantiator`); keep only LitMoE's own arguments.
+    # Components are stored as plain {class_path, init_args} specs and rebuilt without the CLI.
+    accepted = inspect.signature(LitMoE.__init__).parameters
+    try:
+        module = LitMoE(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint '{path}': its model config cannot be built by this version of lit-moe: "
+                          f"{err}") from err
+    check_compatible(checkpoint, module, path)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.tokenizer_json = tokenizer_json
+    module.to(map_location).eval()
+    return module, tokenizer_from_json(tokenizer_json)

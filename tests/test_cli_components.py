@@ -16,7 +16,7 @@ import yaml
 
 import cli
 from lit_moe.components import build_component, component_spec
-from lit_moe.checkpoint import load_checkpoint
+from lit_moe.module import load_checkpoint
 from lit_moe.data import LMDataModule
 from lit_moe.errors import ConfigError
 from lit_moe.model import ModelConfig, Transformer

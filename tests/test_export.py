@@ -12,7 +12,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import cli
-from lit_moe.checkpoint import load_checkpoint
+from lit_moe.module import load_checkpoint
 from lit_moe.export import rope_permutation
 from lit_moe.generate import generate_tokens
 from lit_moe.model import ModelConfig

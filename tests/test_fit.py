@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import cli
-from lit_moe.checkpoint import load_checkpoint
+from lit_moe.module import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -25,12 +25,12 @@ import pytest
 import torch
 import cli
 from lit_moe.atomic import atomic_save
-from lit_moe.checkpoint import check_compatible, load_checkpoint, read_metadata
+from lit_moe.checkpoint import check_compatible, read_metadata
 from lit_moe.data import ResumableDataLoader, ResumableSampler, TokenWindows
 from lit_moe.distributed import FSDP2Strategy
 from lit_moe.errors import ConfigError
 from lit_moe.model import ModelConfig
-from lit_moe.module import LitMoE, parameter_groups
+from lit_moe.module import LitMoE, load_checkpoint, parameter_groups
 from lit_moe.rng import rng_state, set_rng_state
 from scaleout_helpers import read_steps
 
