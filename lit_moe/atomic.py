@@ -17,9 +17,11 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+
+from lit_moe.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -50,6 +52,34 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_directory(output: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run write(tmp) on a fresh directory beside `output`, then rename it to `output`: readers
+    never see a half-written directory (an export). An existing `output` is replaced only with
+    `overwrite` (moved aside first, as in `point_symlink`: a directory cannot be renamed over)."""
+    output = Path(output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
+        raise ConfigError(f"output '{output}' exists and is not an empty directory; pass --overwrite to replace it.")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise ConfigError(f"output directory '{output}' is not writable ({err.strerror or err}).") from err
+    try:
+        write(tmp)
+        if output.exists():
+            aside = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.replace(output, aside)
+            os.replace(tmp, output)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
 
 
 def _fsync_directory(directory: Path) -> None:

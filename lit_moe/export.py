@@ -38,13 +38,13 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lit_moe.atomic import write_directory
 from lit_moe.checkpoint import EXPORT_CONFIG, WEIGHTS, safetensors_io
 from lit_moe.errors import ConfigError
 from lit_moe.model import Transformer
@@ -184,7 +184,7 @@ def export_hf(model: Transformer, tokenizer, output: str | os.PathLike, dtype: t
         for name, text in _tokenizer_files(tokenizer, model.cfg.seq_len, EOT_TOKEN).items():
             (tmp / name).write_text(text, encoding="utf-8")
 
-    return _write_directory(output, write, overwrite)
+    return write_directory(output, write, overwrite)
 
 
 # -- lit-moe's own safetensors format ---------------------------------------------------------
@@ -208,34 +208,7 @@ def export_safetensors(model: Transformer, tokenizer, output: str | os.PathLike,
         (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
 
-    return _write_directory(output, write, overwrite)
-
-
-def _write_directory(output: str | os.PathLike, write, overwrite: bool) -> Path:  # noqa: ANN001
-    """Run write(tmp) on a fresh directory beside `output`, then rename it to `output`: readers
-    never see a half-written export. An existing `output` is replaced only with overwrite."""
-    output = Path(output)
-    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
-        raise ConfigError(f"output '{output}' exists and is not an empty directory; pass --overwrite to replace it.")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as err:
-        raise ConfigError(f"output directory '{output}' is not writable ({err.strerror or err}).") from err
-    try:
-        write(tmp)
-        if output.exists():
-            aside = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, aside)
-            os.replace(tmp, output)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output
+    return write_directory(output, write, overwrite)
 
 
 # -- command line: `cli.py export` -----------------------------------------------------------
