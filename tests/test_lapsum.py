@@ -4,7 +4,6 @@ float64 bisection solver and against the spec's formulas."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -435,30 +434,3 @@ def test_sparse_soft_topk_hand_checked_row():
     expected = torch.zeros(1, 6, dtype=torch.float64)
     expected[0, kept] = torch.from_numpy(p_ref[0, kept])
     torch.testing.assert_close(w.double(), expected, rtol=1e-5, atol=0)
-
-
-# ----------------------------------------------------------------------------- timing
-def test_report_cpu_timing(capsys):
-    """Not a benchmark gate: prints forward+backward time for 8192×64 (run with -s)."""
-    x = torch.randn(8192, 64)
-
-    def soft(xs):
-        return truncate(soft_topk(xs, 2.0), 2.0)
-
-    def topk_softmax(xs):
-        top = xs.topk(2, dim=-1)
-        return torch.zeros_like(xs).scatter(-1, top.indices, top.values.softmax(-1))
-
-    times = {}
-    for name, fn in (("soft_topk+truncate", soft), ("topk+softmax", topk_softmax)):
-        xs = x.clone().requires_grad_()
-        runs = []
-        for _ in range(6):
-            t0 = time.perf_counter()
-            fn(xs).square().sum().backward()
-            runs.append(time.perf_counter() - t0)
-        runs = sorted(runs[1:])  # drop one warm-up; min is the least contention-sensitive
-        times[name] = (runs[0] * 1e3, runs[len(runs) // 2] * 1e3)
-    with capsys.disabled():
-        summary = ", ".join(f"{name}: {lo:.1f} / {med:.1f}" for name, (lo, med) in times.items())
-        print(f"\n[timing 8192x64 fwd+bwd, CPU, min / median ms] {summary}")
