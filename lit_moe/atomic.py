@@ -57,7 +57,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def write_directory(output: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Run write(tmp) on a fresh directory beside `output`, then rename it to `output`: readers
     never see a half-written directory (an export). An existing `output` is replaced only with
-    `overwrite` (moved aside first, as in `point_symlink`: a directory cannot be renamed over)."""
+    `overwrite`."""
     output = Path(output)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
         raise ConfigError(f"output '{output}' exists and is not an empty directory; pass --overwrite to replace it.")
@@ -70,13 +70,7 @@ def write_directory(output: str | os.PathLike, write: Callable[[Path], None], ov
         raise ConfigError(f"output directory '{output}' is not writable ({err.strerror or err}).") from err
     try:
         write(tmp)
-        if output.exists():
-            aside = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, aside)
-            os.replace(tmp, output)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        _replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
@@ -99,13 +93,18 @@ def point_symlink(link: Path, target: Path) -> None:
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(os.path.relpath(target, link.parent), tmp)
-    if link.is_dir() and not link.is_symlink():
-        # A real directory (e.g. written by plain ModelParallelStrategy) cannot be replaced by a
-        # rename: move it aside first. Only this short window has no `link`.
-        aside = link.parent / f".{link.name}.old-{os.getpid()}"
-        os.replace(link, aside)
-        os.replace(tmp, link)
+    _replace(tmp, link)  # a real directory there (plain ModelParallelStrategy's) is moved aside
+    _fsync_directory(link.parent)
+
+
+def _replace(source: Path, destination: Path) -> None:
+    """Rename `source` over `destination`. A real directory (not a link to one) cannot be
+    renamed over: it is moved aside first and deleted after; only that short window has no
+    `destination`."""
+    if destination.is_dir() and not destination.is_symlink():
+        aside = destination.parent / f".{destination.name}.old-{os.getpid()}"
+        os.replace(destination, aside)
+        os.replace(source, destination)
         shutil.rmtree(aside, ignore_errors=True)
     else:
-        os.replace(tmp, link)
-    _fsync_directory(link.parent)
+        os.replace(source, destination)
