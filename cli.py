@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from callbacks.fault_tolerance import FaultToleranceCallback
 from callbacks.mlflow_utils import log_text_artifact
+from callbacks.run_info import RunInfoCallback
 from lit_moe.data import LMDataModule
 from lit_moe.errors import ConfigError, NonFiniteLossError
 from lit_moe.module import LitMoE
@@ -32,7 +33,7 @@ from lit_moe.module import LitMoE
 # directory (open it with `mlflow ui --backend-store-uri sqlite:///mlflow.db`).
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
-        "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+        "class_path": "callbacks.MLflowRunLogger",
         "init_args": {"experiment_name": "lit-moe", "tracking_uri": "sqlite:///mlflow.db"},
     },
 }
@@ -92,9 +93,25 @@ class LitMoECLI(LightningCLI):
                               f"{cores} CPU cores; use at most {cores} (each process needs a core).")
         return trainer
 
+    def config_files(self) -> list[str]:
+        """The --config files of this command, relative to the repository when inside it."""
+        repo = os.path.dirname(os.path.abspath(__file__))
+        names = []
+        for path in (self.config.get(self.subcommand) or {}).get("config") or []:
+            full = os.path.abspath(getattr(path, "absolute", None) or str(path))
+            names.append(os.path.relpath(full, repo) if full.startswith(repo + os.sep) else str(path))
+        return names
+
     def before_fit(self) -> None:
-        """Refuse unwritable output locations before any work is done."""
+        """Refuse unwritable output locations before any work is done; give the run its
+        RunInfoCallback (params, tags, description), told which config files made it."""
         trainer = self.trainer
+        run_info = [c for c in trainer.callbacks if isinstance(c, RunInfoCallback)]
+        if not run_info:
+            run_info = [RunInfoCallback()]
+            trainer.callbacks.append(run_info[0])
+        for callback in run_info:
+            callback.config_files = self.config_files()
         _check_writable(trainer.default_root_dir, "trainer.default_root_dir", "set --trainer.default_root_dir")
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:

@@ -1,20 +1,138 @@
-"""Record what a run needs to be found again: parameter counts and checkpoint paths."""
+"""What a run needs to be found and compared again: its settings as MLflow params, its origin
+(config file, git commit) as tags with a one-line description, checkpoint paths at the end;
+and one training throughput figure.
+
+The names are listed in the README's MLflow section (tests/test_mlflow_run.py checks them).
+"""
 
 from __future__ import annotations
 
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
 
-from callbacks.mlflow_utils import set_tags
+import lightning as L
+from lightning.fabric.utilities.logger import _flatten_dict
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
+
+from callbacks.mlflow_utils import logging_step, mlflow_loggers, set_tags
+
+REPO = Path(__file__).resolve().parents[1]
+# Data settings the model config already carries (`config/seq_len`, `config/vocab_size`: the
+# tokenizer's vocabulary padded for the embedding), so each is logged once.
+_DATA_DUPLICATES = frozenset({"seq_len", "vocab_size"})
+# MLflow 3 opens an experiment in its GenAI view unless the experiment says it is model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def git_state(repo: Path = REPO) -> dict[str, str]:
+    """{'git_commit': sha, 'git_dirty': 'true'/'false'} of the code being run; {} outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def trainer_params(trainer: L.Trainer) -> dict[str, Any]:
+    """The trainer settings that change what a run computes or how fast (`trainer/*`)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    batch_size = getattr(datamodule, "batch_size", None)
+    params = {
+        "max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs,
+        "precision": trainer.precision, "accelerator": trainer.strategy.root_device.type,
+        "devices": trainer.num_devices, "num_nodes": trainer.num_nodes, "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__, "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "gradient_clip_val": trainer.gradient_clip_val, "val_check_interval": trainer.val_check_interval,
+        "limit_val_batches": trainer.limit_val_batches, "log_every_n_steps": trainer.log_every_n_steps,
+        # Sequences per optimizer step over all ranks (data.batch_size is per process).
+        "global_batch_size": (batch_size * trainer.world_size * trainer.accumulate_grad_batches
+                              if batch_size else None),
+    }
+    return {f"trainer/{key}": value for key, value in params.items() if value is not None and value != -1}
+
+
+def run_params(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """All params of a run: model config (`config/*`), the other LitMoE arguments (`model/*`),
+    data settings (`data/*`), trainer settings (`trainer/*`), parameter counts (`params/*`),
+    the seed. Names follow the CLI keys (`--model.lr` → `model/lr`); None means unset and is
+    left out, as are LightningCLI's internals (`_instantiator`)."""
+    params: dict[str, Any] = {}
+    hparams = dict(pl_module.hparams)
+    params.update(_flatten_dict({"config": hparams.pop("config", {})}))
+    params.update({f"model/{k}": v for k, v in hparams.items() if not k.startswith("_")})
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "hparams"):
+        params.update({f"data/{k}": v for k, v in dict(datamodule.hparams).items()
+                       if not k.startswith("_") and k not in _DATA_DUPLICATES})
+    params.update(trainer_params(trainer))
+    counts = pl_module.model.num_params()
+    params.update({"params/total": counts["total"], "params/active": counts["active"]})
+    if os.environ.get("PL_GLOBAL_SEED") is not None:  # set by seed_everything
+        params["seed_everything"] = int(os.environ["PL_GLOBAL_SEED"])
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def _short_count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def run_description(params: dict[str, Any], tags: dict[str, str]) -> str:
+    """One line for the runs table's Description column and the run page."""
+    parts = [tags.get("config", ""), tags.get("method", ""),
+             f"{params.get('config/n_layers')} layers, d={params.get('config/d_model')}, "
+             f"{params.get('config/num_experts')} experts",
+             f"{_short_count(params['params/total'])} params ({_short_count(params['params/active'])} active)",
+             f"{params.get('trainer/max_steps')} steps × {params.get('trainer/global_batch_size')}×"
+             f"{params.get('config/seq_len')} tokens",
+             f"{params.get('trainer/accelerator')}×{params.get('trainer/world_size')} {params.get('trainer/precision')}"]
+    if tags.get("git_commit"):
+        parts.append(f"git {tags['git_commit'][:10]}{' (modified)' if tags.get('git_dirty') == 'true' else ''}")
+    return " · ".join(p for p in parts if p)
 
 
 class RunInfoCallback(L.Callback):
-    """Logs total/active parameter counts at fit start and best/last checkpoint paths at fit end."""
+    """At fit start (rank 0): every setting of the run as params (`run_params`), and the tags
+    `config` (the config files, set by the CLI), `method` (router and experts), `git_commit`,
+    `git_dirty` (also MLflow's own `mlflow.source.git.commit`) and a description
+    (`mlflow.note.content`); marks the experiment as model training for MLflow's UI. At fit
+    end: the best/last checkpoint paths as tags.
+
+    Args:
+        description: text put before the generated run description.
+    """
+
+    def __init__(self, description: str | None = None):
+        self.description = description
+        self.config_files: list[str] = []  # filled by cli.py from --config
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        counts = pl_module.model.num_params()
+        if not trainer.is_global_zero:
+            return
+        from evaluation.report import method_name
+
+        params = run_params(trainer, pl_module)
         for logger in trainer.loggers:
-            logger.log_hyperparams({"params/total": counts["total"], "params/active": counts["active"]})
+            logger.log_hyperparams(params)
+        tags = {"method": method_name({k: str(v) for k, v in params.items()}), **git_state()}
+        if self.config_files:
+            tags["config"] = ", ".join(self.config_files)
+        if "git_commit" in tags:
+            tags["mlflow.source.git.commit"] = tags["git_commit"]
+        note = run_description(params, tags)
+        tags["mlflow.note.content"] = f"{self.description} · {note}" if self.description else note
+        set_tags(trainer, tags)
+        for logger in mlflow_loggers(trainer):
+            experiment = logger.experiment.get_experiment(logger.experiment_id)
+            if EXPERIMENT_KIND[0] not in experiment.tags:
+                logger.experiment.set_experiment_tag(logger.experiment_id, *EXPERIMENT_KIND)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for callback in trainer.checkpoint_callbacks:
@@ -25,12 +143,30 @@ class RunInfoCallback(L.Callback):
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor for token-window batches [B, seq_len + 1].
-
-    Logs `throughput/items_per_sec` = tokens/s, and MFU on GPUs whose peak FLOPs Lightning
-    knows (from `LitMoE.flops_per_batch`, computed from active parameters).
+    """The run's training speed, one figure: `throughput/tokens_per_sec` = training tokens of
+    the last `window_size` optimizer steps, summed over all ranks, divided by the wall-clock time
+    those steps took (data loading, forward, backward, optimizer, callbacks and logging; time
+    spent in validation is left out). `throughput/mfu` beside it: model FLOPs per second
+    (`LitMoE.flops_per_batch`, from active parameters) over the device's peak, logged only where
+    Lightning knows that peak (GPUs). Logged at the steps `train/loss` is, once the window is
+    full; validation throughput is not logged.
     """
 
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=lambda batch: batch.shape[0],
                          length_fn=lambda batch: batch.shape[0] * (batch.shape[1] - 1), window_size=window_size)
+
+    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
+        # Lightning's version logs all of Throughput's counters for every stage, validation
+        # against its own batch counter; keep the two training figures, on the training axis.
+        if trainer.state.stage != RunningStage.TRAINING or not trainer._logger_connector.should_update_logs:
+            return
+        computed = self._throughputs[RunningStage.TRAINING].compute()
+        metrics = {}
+        if "device/items_per_sec" in computed:  # per rank; every rank runs the same batch shape
+            metrics["throughput/tokens_per_sec"] = computed["device/items_per_sec"] * trainer.world_size
+        if "device/mfu" in computed:
+            metrics["throughput/mfu"] = computed["device/mfu"]
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=logging_step(trainer))
