@@ -60,7 +60,7 @@ def test_fit_is_tracked_in_mlflow_and_resumes(workdir):
     # shuffle order, which moves the final loss by about ±0.1.
     final = sum(losses[-3:]) / 3
     assert final < math.log(320) - 1.0 and final < losses[0] - 0.5, losses
-    for name in ("val/loss", "val/ppl", "train/ce", "train/load_balance", "train/z_loss", "train/tokens_per_sec"):
+    for name in ("val/loss", "val/ppl", "train/ce", "train/load_balance", "train/z_loss", "throughput/tokens_per_sec"):
         assert name in run.data.metrics, name
     assert abs(run.data.metrics["core/CORE"]) < 0.3  # CoreEvalCallback ran on the mini bundle
     val_loss = run.data.metrics["val/loss"]
