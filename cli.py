@@ -102,16 +102,26 @@ class LitMoECLI(LightningCLI):
             names.append(os.path.relpath(full, repo) if full.startswith(repo + os.sep) else str(path))
         return names
 
-    def before_fit(self) -> None:
-        """Refuse unwritable output locations before any work is done; give the run its
-        RunInfoCallback (params, tags, description), told which config files made it."""
-        trainer = self.trainer
-        run_info = [c for c in trainer.callbacks if isinstance(c, RunInfoCallback)]
+    def _tell_run_info(self) -> None:
+        """Give the run a RunInfoCallback (params, tags, description) if the config has none,
+        and tell it which config files made the run."""
+        run_info = [c for c in self.trainer.callbacks if isinstance(c, RunInfoCallback)]
         if not run_info:
             run_info = [RunInfoCallback()]
-            trainer.callbacks.append(run_info[0])
+            self.trainer.callbacks.append(run_info[0])
         for callback in run_info:
             callback.config_files = self.config_files()
+
+    def before_fit(self) -> None:
+        """Refuse unwritable output locations before any work is done; see _tell_run_info."""
+        trainer = self.trainer
+        self._tell_run_info()
+
+    def before_validate(self) -> None:
+        self._tell_run_info()
+
+    def before_test(self) -> None:
+        self._tell_run_info()
         _check_writable(trainer.default_root_dir, "trainer.default_root_dir", "set --trainer.default_root_dir")
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:

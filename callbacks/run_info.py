@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def run_description(params: dict[str, Any], tags: dict[str, str]) -> str:
 
 
 class RunInfoCallback(L.Callback):
-    """At fit start (rank 0): every setting of the run as params (`run_params`), and the tags
+    """At setup of fit, validate or test (rank 0, once per run): every setting of the run as params (`run_params`), and the tags
     `config` (the config files, set by the CLI), `method` (router and experts), `git_commit`,
     `git_dirty` (also MLflow's own `mlflow.source.git.commit`) and a description
     (`mlflow.note.content`); marks the experiment as model training for MLflow's UI. At fit
@@ -112,10 +113,15 @@ class RunInfoCallback(L.Callback):
     def __init__(self, description: str | None = None):
         self.description = description
         self.config_files: list[str] = []  # filled by cli.py from --config
+        self._logged_runs: set[str] = set()
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero:
             return
+        run_ids = {str(getattr(logger, "run_id", id(logger))) for logger in trainer.loggers}
+        if not run_ids or run_ids <= self._logged_runs:  # validate after fit: same run, logged
+            return
+        self._logged_runs |= run_ids
         from evaluation.report import method_name
 
         params = run_params(trainer, pl_module)
@@ -130,9 +136,12 @@ class RunInfoCallback(L.Callback):
         tags["mlflow.note.content"] = f"{self.description} · {note}" if self.description else note
         set_tags(trainer, tags)
         for logger in mlflow_loggers(trainer):
-            experiment = logger.experiment.get_experiment(logger.experiment_id)
-            if EXPERIMENT_KIND[0] not in experiment.tags:
-                logger.experiment.set_experiment_tag(logger.experiment_id, *EXPERIMENT_KIND)
+            try:
+                experiment = logger.experiment.get_experiment(logger.experiment_id)
+                if EXPERIMENT_KIND[0] not in experiment.tags:
+                    logger.experiment.set_experiment_tag(logger.experiment_id, *EXPERIMENT_KIND)
+            except Exception as err:  # noqa: BLE001 — a UI hint must never end a run
+                warnings.warn(f"could not tag the MLflow experiment: {err}", stacklevel=2)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for callback in trainer.checkpoint_callbacks:
