@@ -254,11 +254,21 @@ class LitMoE(L.LightningModule):
             return loss
         self.log("train/loss", global_loss, prog_bar=True)  # the loss of the global batch
         self.log("train/ce", ce)
+        self.log("train/lr", self._scheduled_lr())
         for name, value in self.model.aux_losses().items():
             self.log(f"train/{name}", value)
         for name, value in self.model.regularization_losses().items():  # e.g. kappa/reg
             self.log(name, value)
         return loss
+
+    def _scheduled_lr(self) -> float:
+        """The learning rate of this step's update: the "decay" group's (every group without
+        its own schedule has the same; κ's is this × `kappa/lr_factor`). One chart instead of
+        LearningRateMonitor's identical one per group."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return float(self.hparams.lr)
+        groups = self.trainer.optimizers[0].param_groups
+        return float(next((g["lr"] for g in groups if g.get("name") == "decay"), groups[0]["lr"]))
 
     def _mean_over_ranks(self, loss: Tensor) -> Tensor:
         """Mean of the ranks' losses (one all-reduce): non-finite when any rank's is, so all

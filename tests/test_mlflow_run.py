@@ -4,6 +4,7 @@ the one throughput figure."""
 
 import gzip
 import json
+import math
 import re
 import subprocess
 import types
@@ -132,6 +133,11 @@ def test_validation_routing_and_core_share_the_training_step_axis(runs):
     assert steps("routing/val/entropy") == [9, 19]
     assert steps("routing/entropy") == [9, 19]  # windows of 10 steps
     assert steps("core/CORE") == [19]  # after fit
+    # train/lr: the lr of that step's update, conf/tiny.yaml's cosine from 3e-3 to 10 % after
+    # 2 warmup steps (of 20).
+    lrs = [(m.step, m.value) for m in client.get_metric_history(rid, "train/lr")]
+    expected = [(s, 3e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / 18)))) for s in (4, 9, 14, 19)]
+    assert sorted(lrs) == [(s, pytest.approx(lr, rel=1e-5)) for s, lr in expected]
     artifacts = {a.path for a in client.list_artifacts(rid, "routing")}
     assert artifacts == {"routing/step000019"}  # plot_every 100: only the end of training
     local = client.download_artifacts(rid, "routing/step000019/counts.json", str(runs["work"] / "dl"))
