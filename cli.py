@@ -112,15 +112,15 @@ class LitMoECLI(LightningCLI):
         for callback in run_info:
             callback.config_files = self.config_files()
 
-    def before_fit(self) -> None:
-        """Refuse unwritable output locations before any work is done; see _tell_run_info."""
-        trainer = self.trainer
-        self._tell_run_info()
-
     def before_validate(self) -> None:
         self._tell_run_info()
 
     def before_test(self) -> None:
+        self._tell_run_info()
+
+    def before_fit(self) -> None:
+        """Refuse unwritable output locations before any work is done; see _tell_run_info."""
+        trainer = self.trainer
         self._tell_run_info()
         _check_writable(trainer.default_root_dir, "trainer.default_root_dir", "set --trainer.default_root_dir")
         for callback in trainer.checkpoint_callbacks:
