@@ -29,7 +29,9 @@ bench: setup
 	$(PY) benchmarks/moe_layer.py
 	$(OFFLINE) $(PY) benchmarks/train_tiny.py
 
+# MLflow 3 opens in its GenAI view; this link opens the "Model training" view of the runs.
 mlflow-ui: setup
+	@echo "MLflow UI: http://localhost:5000/#/experiments?workflowType=machine_learning"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
 clean:

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from callbacks.fault_tolerance import FaultToleranceCallback
 from callbacks.mlflow_utils import log_text_artifact
+from callbacks.run_info import RunInfoCallback
 from lit_moe.components import class_path_of
 from lit_moe.data import LMDataModule
 from lit_moe.errors import ConfigError, NonFiniteLossError
@@ -43,7 +44,7 @@ from lit_moe.module import LitMoE
 # directory (open it with `mlflow ui --backend-store-uri sqlite:///mlflow.db`).
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
-        "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+        "class_path": "callbacks.MLflowRunLogger",
         "init_args": {"experiment_name": "lit-moe", "tracking_uri": "sqlite:///mlflow.db"},
     },
 }
@@ -211,9 +212,35 @@ class LitMoECLI(LightningCLI):
                               f"{cores} CPU cores; use at most {cores} (each process needs a core).")
         return trainer
 
+    def config_files(self) -> list[str]:
+        """The --config files of this command, relative to the repository when inside it."""
+        repo = os.path.dirname(os.path.abspath(__file__))
+        names = []
+        for path in (self.config.get(self.subcommand) or {}).get("config") or []:
+            full = os.path.abspath(getattr(path, "absolute", None) or str(path))
+            names.append(os.path.relpath(full, repo) if full.startswith(repo + os.sep) else str(path))
+        return names
+
+    def _tell_run_info(self) -> None:
+        """Give the run a RunInfoCallback (params, tags, description) if the config has none,
+        and tell it which config files made the run."""
+        run_info = [c for c in self.trainer.callbacks if isinstance(c, RunInfoCallback)]
+        if not run_info:
+            run_info = [RunInfoCallback()]
+            self.trainer.callbacks.append(run_info[0])
+        for callback in run_info:
+            callback.config_files = self.config_files()
+
+    def before_validate(self) -> None:
+        self._tell_run_info()
+
+    def before_test(self) -> None:
+        self._tell_run_info()
+
     def before_fit(self) -> None:
-        """Refuse unwritable output locations before any work is done."""
+        """Refuse unwritable output locations before any work is done; see _tell_run_info."""
         trainer = self.trainer
+        self._tell_run_info()
         _check_writable(trainer.default_root_dir, "trainer.default_root_dir", "set --trainer.default_root_dir")
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath:

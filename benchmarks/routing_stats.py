@@ -56,7 +56,7 @@ def close_window(routers: list) -> list[dict[str, float]]:
 def plot(routers: list, stats: list[dict[str, float]], out: Path) -> None:
     names = [f"layer_{i:02d}" for i in range(len(routers))]
     tokens = np.stack([r.metrics()["tokens"].cpu().numpy() for r in routers])
-    routing_plots.load_share_heatmap(names, tokens, "load share").savefig(out / "load_share.png", dpi=110)
+    routing_plots.load_share_heatmap(names, [("train", tokens)], "load share").savefig(out / "load_share.png", dpi=110)
     routing_plots.active_experts_chart(names, [s["active_mean"] for s in stats], [s["active_p95"] for s in stats],
                                        [s["active_max"] for s in stats], [2.0] * len(names),
                                        "active experts").savefig(out / "active_experts.png", dpi=110)

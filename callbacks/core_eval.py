@@ -5,9 +5,10 @@
         - class_path: callbacks.core_eval.CoreEvalCallback
           init_args: {limit: 20, every_n_steps: 1000}
 
-Runs on the in-memory model (no checkpoint needed) and logs `core/CORE`, `core/<task>`
-(centered accuracy) and `core_acc/<task>` to the trainer's loggers, plus the results
-table as MLflow artifacts `core/results_stepNNNNNN.{md,json}`.
+Runs on the in-memory model (no checkpoint needed) and logs `core/CORE` and `core/<task>`
+(centered accuracy) to the trainer's loggers, plus the results table (with raw accuracies) as
+MLflow artifacts `core/results_stepNNNNNN.{md,json}`. The step is the one `val/loss` of that
+training step is logged at (`mlflow_utils.logging_step`).
 
 Distributed (DDP, FSDP2, FSDP): every rank builds the same requests and scores a different
 slice of them (`LitMoELM(distributed=True)`: every world_size-th batch), and the results are
@@ -27,7 +28,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
-from callbacks.mlflow_utils import log_text_artifact
+from callbacks.mlflow_utils import log_text_artifact, logging_step
 from lit_moe.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,14 +77,16 @@ class CoreEvalCallback(Callback):
                            batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.run(trainer, pl_module)
+            self.run(trainer, pl_module, logging_step(trainer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:  # not twice when the last step was just evaluated
-            self.run(trainer, pl_module)
+            self.run(trainer, pl_module, logging_step(trainer, after_training=True))
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
-        """Evaluate now, log on rank 0, and return the result (on every rank)."""
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, log_step: int | None = None
+            ) -> dict[str, Any] | None:
+        """Evaluate now, log on rank 0 at `log_step` (default: optimizer steps done), and return
+        the result (on every rank)."""
         import torch.distributed as dist
 
         self._last_step = trainer.global_step
@@ -95,7 +98,7 @@ class CoreEvalCallback(Callback):
         # Collective: every rank then holds rank 0's result (the same one under `split`).
         result = trainer.strategy.broadcast(result, src=0)
         if result is not None and trainer.is_global_zero:
-            self._log(trainer, result)
+            self._log(trainer, result, trainer.global_step if log_step is None else log_step)
         self.results = result
         return result
 
@@ -122,10 +125,9 @@ class CoreEvalCallback(Callback):
         finally:
             model.train(was_training)
 
-    def _log(self, trainer: L.Trainer, result: dict[str, Any]) -> None:
+    def _log(self, trainer: L.Trainer, result: dict[str, Any], step: int) -> None:
         from evaluation import core
 
-        step = trainer.global_step
         result = {**result, "step": step}
         metrics = core.metrics_for_logging(result)
         for logger in trainer.loggers:

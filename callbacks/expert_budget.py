@@ -118,12 +118,16 @@ class ExpertBudgetCallback(L.Callback):
         self._active_sum = active if self._active_sum is None else self._active_sum + active
         self._active_steps += 1
         layer_k = self._layer_k(pl_module, routers)
+        # Only what can change: k_l under a learnable budget, θ under the enforce controller.
+        # The target total K and a fixed k_l = K/L are params (`config/budget/*`).
+        learned_k = budget is not None and budget.learnable
         for (i, router), k_l, a_l in zip(routers, layer_k, active):
-            pl_module.log(f"budget/k/layer_{i:02d}", k_l)
+            if learned_k:
+                pl_module.log(f"budget/k/layer_{i:02d}", k_l)
             pl_module.log(f"budget/active/layer_{i:02d}", a_l)
-            pl_module.log(f"budget/theta/layer_{i:02d}", router.theta)
+            if self.mode == "enforce":
+                pl_module.log(f"budget/theta/layer_{i:02d}", router.theta)
         pl_module.log("budget/active_total", active.sum())
-        pl_module.log("budget/target_total", layer_k.sum())
         if self.mode == "enforce" and self._active_steps >= self.control_every:
             self._control(routers, layer_k, self._active_sum / self._active_steps)
             self._active_sum, self._active_steps = None, 0

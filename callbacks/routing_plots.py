@@ -17,24 +17,39 @@ def _figure(width: float, height: float) -> Figure:
     return figure
 
 
-def load_share_heatmap(layer_names: Sequence[str], tokens: np.ndarray, title: str) -> Figure:
-    """Heatmap of each expert's share of its layer's routed assignments (rows sum to 1;
-    a balanced layer is 1/E everywhere). tokens: [layers, experts] counts."""
-    totals = tokens.sum(axis=1, keepdims=True)
-    share = np.divide(tokens, totals, out=np.zeros_like(tokens, dtype=float), where=totals > 0)
-    layers, experts = share.shape
-    figure = _figure(max(5.0, 0.45 * experts + 2.5), max(2.5, 0.45 * layers + 1.5))
-    ax = figure.add_subplot()
-    image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0)
-    ax.set_xlabel("expert")
-    ax.set_yticks(range(layers), layer_names)
-    ax.set_xticks(range(experts) if experts <= 32 else np.linspace(0, experts - 1, 9).astype(int))
-    if experts <= 16 and layers <= 24:  # numbers stay legible only on small grids
-        for (row, col), value in np.ndenumerate(share):
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if value < share.max() / 2 else "black")
-    figure.colorbar(image, ax=ax).set_label(f"load share (uniform {1 / experts:.3g})", fontsize=8)
-    ax.set_title(title, fontsize=9)
+def share_scale_max(experts: int) -> float:
+    """Top of the load-share colour scale: 3× the uniform share 1/E (capped at 1). Fixed for a
+    given E, so snapshots of one run, and runs with the same E, compare by eye; shares above it
+    saturate (the printed numbers still say them)."""
+    return min(1.0, 3.0 / experts)
+
+
+def load_share_heatmap(layer_names: Sequence[str], panels: Sequence[tuple[str, np.ndarray]], title: str) -> Figure:
+    """Heatmaps, one per (panel title, tokens [layers, experts] counts), of each expert's share
+    of its layer's routed assignments (rows sum to 1; a balanced layer is 1/E everywhere), on
+    the colour scale 0 … `share_scale_max(E)`."""
+    shares = []
+    for _, tokens in panels:
+        totals = tokens.sum(axis=1, keepdims=True)
+        shares.append(np.divide(tokens, totals, out=np.zeros_like(tokens, dtype=float), where=totals > 0))
+    layers, experts = shares[0].shape
+    top = share_scale_max(experts)
+    width = max(5.0, 0.45 * experts + 2.5)
+    figure = _figure(width * len(panels), max(2.5, 0.45 * layers + 1.5))
+    axes = np.atleast_1d(figure.subplots(1, len(panels), squeeze=False)).flatten()
+    for ax, (panel_title, _), share in zip(axes, panels, shares):
+        image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(layers), layer_names)
+        ax.set_xticks(range(experts) if experts <= 32 else np.linspace(0, experts - 1, 9).astype(int))
+        if experts <= 16 and layers <= 24:  # numbers stay legible only on small grids
+            for (row, col), value in np.ndenumerate(share):
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < top / 2 else "black")
+        ax.set_title(panel_title, fontsize=9)
+    figure.colorbar(image, ax=list(axes), extend="max" if top < 1 else "neither").set_label(
+        f"load share (uniform {1 / experts:.3g})", fontsize=8)
+    figure.suptitle(title, fontsize=10)
     return figure
 
 
@@ -51,6 +66,7 @@ def active_experts_chart(layer_names: Sequence[str], mean: Sequence[float], p95:
     ax.scatter(x, maximum, marker="^", color="tab:blue", s=14, label="max")
     ax.scatter(x, target, marker="_", color="black", s=400, linewidths=2, label="target k_l", zorder=3)
     ax.set_xticks(x, layer_names, rotation=45 if len(x) > 8 else 0)
+    ax.set_xlabel("MoE layer")
     ax.set_ylabel("active experts per token")
     # Head room above the tallest mark for the legend.
     ax.set_ylim(0, max(1.0, float(np.nanmax(np.concatenate([maximum, target])))) * 1.4)
@@ -84,4 +100,4 @@ def kappa_histograms(layer_names: Sequence[str], samples: Sequence[np.ndarray], 
     return figure
 
 
-__all__ = ["load_share_heatmap", "active_experts_chart", "kappa_histograms"]
+__all__ = ["share_scale_max", "load_share_heatmap", "active_experts_chart", "kappa_histograms"]

@@ -9,19 +9,25 @@ The routers count during forward, on device (`Router.metrics()`, `lit_moe.moe.ro
 this callback only reads and resets those counters. Every `window` optimizer steps it
 - gathers the counters of all MoE layers into one flat vector and reduces it across ranks with
   a single collective (sums for counts, max for maxima), then resets them;
-- logs, per layer, `routing/layer_XX/{load_imbalance, load_cv, dead_experts, entropy,
-  active_mean, active_p50, active_p95, active_max, dropped, load_balance, z_loss,
+- logs, per layer, `routing/layer_XX/{load_imbalance, load_cv, entropy, load_balance, z_loss,
   peak_imbalance}` and model-wide aggregates `routing/{load_imbalance, load_imbalance_max,
-  load_cv, dead_experts, entropy, active_mean, active_total, dropped, tokens_seen}`.
+  load_cv, dead_experts, entropy, tokens_seen}`; where the number of active experts per token
+  can vary (SoftMoE, top-k with a capacity factor) also `active_{mean,p50,p95,max}` per layer
+  and `routing/{active_mean, active_total}`, and with a capacity factor `dropped`. A dropless
+  top-k router gives every token exactly k experts and drops nothing: those would be flat lines
+  (k is the param `config/router/init_args/top_k`).
 Validation forwards fill separate counters (reset at validation start, reduced and logged at
-validation end) under `routing/val/...`; they never change the training window. Metrics carry
-the step Lightning's own logging uses at that moment, so they line up with `train/loss` and
-`val/loss`; artifact folders are named by `trainer.global_step` (optimizer steps done).
+validation end) under `routing/val/...`; they never change the training window. Everything is
+logged at the step Lightning's own logging uses at that moment (`mlflow_utils.logging_step`),
+so it lines up with `train/loss` and `val/loss`; artifact folders carry that same step.
 
 Every `plot_every` steps and at the end of training (rank 0, MLflow loggers only) it adds the
-artifacts `routing/stepNNNNNN/`: `load_share.png` (layer × expert heatmap), `active_experts.png`
-(realised vs target k_l), `kappa.png` (κ histograms, κ-SwiGLU experts only), and the raw counts
-as `counts.csv` / `counts.json`. A failure there is a warning, never the end of the run.
+artifacts `routing/stepNNNNNN/`: `load_share.png` (layer × expert heatmaps of the training
+window and of the latest validation, on one fixed colour scale so snapshots compare by eye),
+`active_experts.png` (realised vs target k_l; only where the count can vary), `kappa.png` (κ
+histograms, κ-SwiGLU experts only), and the raw counts as `counts.csv` / `counts.json`. A
+snapshot due at a step where validation runs is written after it, so it includes that
+validation. A failure there is a warning, never the end of the run.
 """
 
 from __future__ import annotations
@@ -40,22 +46,35 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from callbacks.mlflow_utils import log_file_artifact, mlflow_loggers
+from callbacks.mlflow_utils import log_file_artifact, logging_step, mlflow_loggers
 from lit_moe.errors import ConfigError
 from lit_moe.moe.routing_metrics import COUNTER_NAMES, model_summary, reduced_counters, summarize
 
+# The routers' counter sets are "train" and "eval"; what the user sees calls the latter "val",
+# as `val/loss` does.
 PREFIX = {"train": "routing", "eval": "routing/val"}
+SPLIT_NAME = {"train": "train", "eval": "val"}
+ACTIVE_STATS = ("active_mean", "active_p50", "active_p95", "active_max")
+# Per-layer dead experts are in the heatmap and counts; the model-wide sum is the chart.
+LAYER_ONLY_IN_ARTIFACTS = ("dead_experts",)
 
 
-def _logging_step(trainer: L.Trainer) -> int:
-    """The step Lightning logs `self.log` values at right now: it counts optimizer steps but is
-    advanced only after a batch's hooks and validation, so it trails `global_step` there."""
-    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+def active_count_varies(router: Any) -> bool:
+    """False for a dropless top-k router: every token then has exactly k active experts."""
+    from lit_moe.moe import TopKRouter
+
+    return not isinstance(router, TopKRouter) or getattr(router, "capacity_factor", None) is not None
+
+
+def drops_tokens(router: Any) -> bool:
+    return getattr(router, "capacity_factor", None) is not None
 
 
 @dataclass
 class Window:
-    """One reduced window of one split: what was logged, kept for the plots."""
+    """One reduced window of one split: what was logged, kept for the plots. first_step and
+    step are the logging steps of its first and last batch (both the validation's step for a
+    validation window)."""
 
     split: str
     first_step: int
@@ -66,7 +85,7 @@ class Window:
     target_k: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"split": self.split, "first_step": self.first_step, "step": self.step,
+        return {"split": SPLIT_NAME[self.split], "first_step": self.first_step, "step": self.step,
                 "layers": [{"layer": name, "target_k": k, "stats": stats,
                             "counters": {n: c[n].tolist() for n in COUNTER_NAMES}}
                            for name, k, stats, c in zip(self.layers, self.target_k, self.stats, self.counters)]}
@@ -94,7 +113,8 @@ class RoutingStatsCallback(L.Callback):
         self.latest: dict[str, Window] = {}  # last reduced window per split
         self._enabled = True
         self._window_start = 0
-        self._last_plot_step: int | None = None
+        self._last_plot_step: int | None = None  # optimizer steps done at the last window plotted
+        self._snapshot_due: int | None = None  # logging step of a snapshot waiting for validation
 
     @staticmethod
     def _routers(pl_module: L.LightningModule) -> list[tuple[int, Any]]:
@@ -118,16 +138,23 @@ class RoutingStatsCallback(L.Callback):
         # spans `window` steps; every rank reaches the same decision (the reduce is collective).
         step = trainer.global_step
         if self._enabled and step - self._window_start >= self.window:
-            self._close_train_window(trainer, pl_module, step)
+            self._close_train_window(trainer, pl_module, step, logging_step(trainer))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._snapshot_due is not None:  # no validation ran at that step
+            self._write_artifacts(trainer, pl_module, self._snapshot_due)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled:
             return
-        step = trainer.global_step
+        step, label = trainer.global_step, logging_step(trainer, after_training=True)
         if step > self._window_start:  # the last, partial window
-            self._close_train_window(trainer, pl_module, step, plot=False)
-        if self._last_plot_step != step and "train" in self.latest:
-            self._write_artifacts(trainer, pl_module, step)
+            self._close_train_window(trainer, pl_module, step, label, plot=False)
+        if self._snapshot_due is not None:
+            self._write_artifacts(trainer, pl_module, self._snapshot_due)
+        elif self._last_plot_step != step and "train" in self.latest:
+            self._write_artifacts(trainer, pl_module, label)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for _, router in self._routers(pl_module):
@@ -135,36 +162,52 @@ class RoutingStatsCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._enabled and self._routers(pl_module) and not trainer.sanity_checking:
-            step = trainer.global_step
-            self.latest["eval"] = self._reduce_and_log(trainer, pl_module, "eval", step, step)
+            label = logging_step(trainer)
+            self.latest["eval"] = self._reduce_and_log(trainer, pl_module, "eval", label, label)
+            if self._snapshot_due is not None:
+                self._write_artifacts(trainer, pl_module, self._snapshot_due)
 
     # -- windows ---------------------------------------------------------------------------------
-    def _close_train_window(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int,
+    def _close_train_window(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, label: int,
                             plot: bool = True) -> None:
-        self.latest["train"] = self._reduce_and_log(trainer, pl_module, "train", self._window_start, step)
+        # The window's batches carry the logging steps window_start … label.
+        self.latest["train"] = self._reduce_and_log(trainer, pl_module, "train", self._window_start, label)
         self._window_start = step
         due = self.plot_every is not None and step - (self._last_plot_step or 0) >= self.plot_every
         if plot and due:
-            self._write_artifacts(trainer, pl_module, step)
+            # Written after this step's validation, if one runs, else before the next batch.
+            self._snapshot_due = label
+            self._last_plot_step = step
+
+    @staticmethod
+    def _logged_names(routers: list[Any]) -> tuple[set[str], set[str]]:
+        """Statistics that can change during this run: (per layer, model-wide)."""
+        varies = any(active_count_varies(r) for _, r in routers)
+        drops = any(drops_tokens(r) for _, r in routers)
+        skip = set(LAYER_ONLY_IN_ARTIFACTS) | (set() if varies else set(ACTIVE_STATS)) | (set() if drops else {"dropped"})
+        model_skip = (set() if varies else {"active_mean", "active_total"}) | (set() if drops else {"dropped"})
+        return skip, model_skip
 
     def _reduce_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, first_step: int,
-                        step: int) -> Window:
+                        label: int) -> Window:
         routers = self._routers(pl_module)
         layers = [f"layer_{i:02d}" for i, _ in routers]
         counters = reduced_counters([router for _, router in routers], split)
         stats = [summarize(c) for c in counters]
         prefix = PREFIX[split]
-        metrics = {f"{prefix}/{layer}/{name}": value
-                   for layer, layer_stats in zip(layers, stats) for name, value in layer_stats.items()}
-        metrics.update({f"{prefix}/{name}": value for name, value in model_summary(counters, stats).items()})
+        skip, model_skip = self._logged_names(routers)
+        metrics = {f"{prefix}/{layer}/{name}": value for layer, layer_stats in zip(layers, stats)
+                   for name, value in layer_stats.items() if name not in skip}
+        metrics.update({f"{prefix}/{name}": value for name, value in model_summary(counters, stats).items()
+                        if name not in model_skip})
         if split == "train":
             self.tokens_seen += int(counters[0]["active_hist"].sum())
             metrics["routing/tokens_seen"] = float(self.tokens_seen)
         metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=_logging_step(trainer))
-        return Window(split, first_step, step, layers, counters, stats, self._target_k(pl_module, routers))
+                logger.log_metrics(metrics, step=label)
+        return Window(split, first_step, label, layers, counters, stats, self._target_k(pl_module, routers))
 
     @staticmethod
     def _target_k(pl_module: L.LightningModule, routers: list[tuple[int, Any]]) -> list[float]:
@@ -189,34 +232,43 @@ class RoutingStatsCallback(L.Callback):
         return names, samples, scales
 
     def _write_artifacts(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        self._last_plot_step = step
+        """The snapshot `routing/stepNNNNNN/` of the latest windows; `step` is the logging step
+        of the training window it shows."""
+        self._snapshot_due = None
         if not mlflow_loggers(trainer):  # configured alike on every rank
             return
         try:
             kappa = self._kappa_samples(pl_module)  # every rank: FSDP2 gathers sharded κ parameters
             if trainer.is_global_zero:
                 with tempfile.TemporaryDirectory(prefix="routing-") as tmp:
-                    for path in self._render(Path(tmp), kappa):
+                    for path in self._render(Path(tmp), kappa, self._active_varies(pl_module)):
                         log_file_artifact(trainer, str(path), f"routing/step{step:06d}")
         except Exception as err:  # noqa: BLE001 — plots are diagnostics: never end a run for them
             warnings.warn(f"RoutingStatsCallback: could not write the routing plots at step {step}: "
                           f"{type(err).__name__}: {err}", stacklevel=2)
 
-    def _render(self, out: Path, kappa: tuple[list[str], list[np.ndarray], list[float]]) -> list[Path]:
+    def _active_varies(self, pl_module: L.LightningModule) -> bool:
+        return any(active_count_varies(router) for _, router in self._routers(pl_module))
+
+    def _render(self, out: Path, kappa: tuple[list[str], list[np.ndarray], list[float]],
+                active_varies: bool = True) -> list[Path]:
         from callbacks import routing_plots  # matplotlib only when plotting
 
         train = self.latest["train"]
-        span = f"steps {train.first_step}–{train.step}"
+        # Windows are labelled like the metrics: by the logging step of their last batch.
+        span = f"train, steps {train.first_step}–{train.step}"
         written = []
-        tokens = np.stack([c["tokens"].numpy() for c in train.counters])
-        figures = {
-            "load_share.png": routing_plots.load_share_heatmap(train.layers, tokens, f"load share, {span}"),
-            "active_experts.png": routing_plots.active_experts_chart(
+        panels = [(span, np.stack([c["tokens"].numpy() for c in train.counters]))]
+        val = self.latest.get("eval")
+        if val is not None:
+            panels.append((f"val at step {val.step}", np.stack([c["tokens"].numpy() for c in val.counters])))
+        figures = {"load_share.png": routing_plots.load_share_heatmap(train.layers, panels, "load share")}
+        if active_varies:  # a dropless top-k router's bars would all equal k
+            figures["active_experts.png"] = routing_plots.active_experts_chart(
                 train.layers, [s.get("active_mean", math.nan) for s in train.stats],
                 [s.get("active_p95", math.nan) for s in train.stats],
                 [s.get("active_max", math.nan) for s in train.stats], train.target_k,
-                f"active experts per token vs target, {span}"),
-        }
+                f"active experts per token vs target, {span}")
         kappa_layers, kappa_values, scales = kappa
         if kappa_layers:
             figures["kappa.png"] = routing_plots.kappa_histograms(
@@ -232,8 +284,8 @@ class RoutingStatsCallback(L.Callback):
                 for layer, c in zip(w.layers, w.counters):
                     total = float(c["tokens"].sum()) or 1.0
                     for e, (t, wt) in enumerate(zip(c["tokens"].tolist(), c["weight"].tolist())):
-                        writer.writerow([w.split, w.first_step, w.step, layer, e, int(t), wt, t / total])
-        (out / "counts.json").write_text(json.dumps({w.split: w.to_json() for w in windows}, indent=1))
+                        writer.writerow([SPLIT_NAME[w.split], w.first_step, w.step, layer, e, int(t), wt, t / total])
+        (out / "counts.json").write_text(json.dumps({SPLIT_NAME[w.split]: w.to_json() for w in windows}, indent=1))
         return [*written, out / "counts.csv", out / "counts.json"]
 
     # -- checkpoint ------------------------------------------------------------------------------

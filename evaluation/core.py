@@ -335,11 +335,11 @@ def results_table(result: dict[str, Any]) -> str:
 
 
 def metrics_for_logging(result: dict[str, Any]) -> dict[str, float]:
-    """`core/CORE`, `core/<task>` (centered accuracy, what CORE averages), `core_acc/<task>`."""
+    """`core/CORE` and `core/<task>` (centered accuracy, what CORE averages). Raw accuracies
+    are in the results table and JSON, not metrics: one chart per task is enough."""
     metrics = {"core/CORE": float(result["CORE"])}
     for label, r in result["tasks"].items():
         metrics[f"core/{label}"] = float(r["centered"])
-        metrics[f"core_acc/{label}"] = float(r["acc"])
     return metrics
 
 

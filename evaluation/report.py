@@ -4,10 +4,12 @@
     python cli.py report --run_ids RUN_A,RUN_B --tracking_uri sqlite:///mlflow.db --output comparison.png
 
 Per run: name, method (router and experts from the logged config), last `val/loss`, realised
-active experts per token and MoE layer (`routing/active_mean` of RoutingStatsCallback),
-parameters total/active (`params/*` of RunInfoCallback), median `train/tokens_per_sec`, and
-`core/CORE` when present; missing values print as "-". The plot draws `val/loss` against
-training tokens (`routing/tokens_seen`; else step × batch_size × seq_len; else steps).
+active experts per token and MoE layer (`routing/active_mean` of RoutingStatsCallback; k for a
+dropless top-k router, which logs no such metric), parameters total/active (`params/*` of
+RunInfoCallback), median `throughput/tokens_per_sec`, and `core/CORE` when present; missing
+values print as "-". The plot draws `val/loss` against training tokens (`routing/tokens_seen`;
+else step × batch_size × seq_len; else steps). Runs logged before these names were settled
+(`train/tokens_per_sec`, params `batch_size`, `seq_len`) are read too.
 
 Input errors (no store, unknown experiment or run, nothing to compare) raise ConfigError;
 `cli.py` prints them as one line and exits with status 2.
@@ -101,31 +103,54 @@ def _int(value: str | None) -> int | None:
         return None
 
 
+def _first(mapping: dict[str, Any], *keys: str) -> Any:
+    return next((mapping[key] for key in keys if key in mapping), None)
+
+
+def fixed_active_experts(params: dict[str, str]) -> float | None:
+    """k of a dropless top-k router (every token gets exactly k experts), else None."""
+    if _short(params.get("config/router/class_path")) != "TopKRouter":
+        return None
+    if params.get("config/router/init_args/capacity_factor", "None") != "None":
+        return None
+    k = params.get("config/router/init_args/top_k", "2")  # TopKRouter's default
+    try:
+        return float(k)
+    except ValueError:
+        return None
+
+
 def summarize_run(client: Any, run: Any) -> RunSummary:
     run_id, params, metrics = run.info.run_id, run.data.params, run.data.metrics
-    speeds = [m.value for m in client.get_metric_history(run_id, "train/tokens_per_sec")]
+    speeds = [m.value for m in client.get_metric_history(run_id, "throughput/tokens_per_sec")]
+    if not speeds:  # runs logged before `throughput/tokens_per_sec`
+        speeds = [m.value for m in client.get_metric_history(run_id, "train/tokens_per_sec")]
     val = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val/loss"))
     tokens = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "routing/tokens_seen"))
     tokens_per_step = None
-    if _int(params.get("batch_size")) and _int(params.get("seq_len")):
-        tokens_per_step = _int(params["batch_size"]) * _int(params["seq_len"])
+    batch_size = _int(_first(params, "trainer/global_batch_size", "data/batch_size", "batch_size"))
+    seq_len = _int(_first(params, "config/seq_len", "seq_len"))
+    if batch_size and seq_len:
+        tokens_per_step = batch_size * seq_len
     def tokens_at(step: int) -> float | None:
+        # MLflow steps are Lightning's 0-based step index: step s comes after s + 1 steps.
         if tokens:
             return _interpolate(tokens, step)
-        return step * tokens_per_step if tokens_per_step else None
+        return (step + 1) * tokens_per_step if tokens_per_step else None
 
     return RunSummary(
         run_id=run_id, name=run.info.run_name or run_id[:8], method=method_name(params),
-        val_loss=metrics.get("val/loss"), active_experts=metrics.get("routing/active_mean"),
+        val_loss=metrics.get("val/loss"),
+        active_experts=metrics.get("routing/active_mean", fixed_active_experts(params)),
         params_total=_int(params.get("params/total")), params_active=_int(params.get("params/active")),
         tokens_per_sec=statistics.median(speeds) if speeds else None, core=metrics.get("core/CORE"),
         curve=[(step, tokens_at(step), loss) for step, loss in val])
 
 
 def _interpolate(points: list[tuple[int, float]], step: int) -> float:
-    """Tokens seen at `step`, linear between the logged (step, tokens) points, from (0, 0);
-    beyond the last point, extrapolated at the last window's rate."""
-    points = [(0, 0.0), *points]
+    """Tokens seen at `step`, linear between the logged (step, tokens) points, from (-1, 0)
+    (before the first step); beyond the last point, extrapolated at the last window's rate."""
+    points = [(-1, 0.0), *points]
     for (s0, t0), (s1, t1) in zip(points, points[1:]):
         if step <= s1:
             return t0 + (t1 - t0) * (step - s0) / max(1, s1 - s0)
@@ -213,4 +238,4 @@ def main(args: list[str] | None = None) -> list[RunSummary]:
 
 
 __all__ = ["RunSummary", "open_store", "select_runs", "method_name", "summarize_run", "format_table",
-           "comparison_plot", "main"]
+           "comparison_plot", "fixed_active_experts", "main"]

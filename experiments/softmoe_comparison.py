@@ -76,9 +76,12 @@ def report(workdir: Path) -> None:
         layers = sorted({k.split("/")[-1] for k in metrics if k.startswith("budget/active/layer_")})
         train_active = [_tail_mean(client, rid, f"budget/active/layer_{l[-2:]}") for l in layers]
         val_active = [metrics.get(f"budget/val/active/layer_{l[-2:]}") for l in layers]
+        params = run.data.params
         ks = [metrics.get(f"budget/k/layer_{l[-2:]}") for l in layers]
-        tok_s = _tail_mean(client, rid, "train/tokens_per_sec", 200)
-        batch_tokens = int(run.data.params.get("batch_size", 16)) * int(run.data.params.get("seq_len", 256))
+        if layers and None in ks and params.get("config/budget/total"):  # a fixed budget logs k_l = K/L as params
+            ks = [float(params["config/budget/total"]) / int(params["config/n_layers"])] * len(layers)
+        tok_s = _tail_mean(client, rid, "throughput/tokens_per_sec", 200)
+        batch_tokens = int(params.get("data/batch_size", 16)) * int(params.get("config/seq_len", 256))
         fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs) if xs and None not in xs else "2 (fixed top-2)"
         rows.append(f"| {label} | {metrics['val/loss']:.4f} | {fmt(train_active)} | {fmt(val_active)} | "
                     f"{fmt(ks) if ks else '—'} | {batch_tokens / tok_s * 1e3:.0f} |")

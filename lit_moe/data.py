@@ -406,7 +406,8 @@ class LMDataModule(L.LightningDataModule):
         max_val_windows: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Logged as `data/*` by callbacks.RunInfoCallback, beside the model's and trainer's settings.
+        self.save_hyperparameters(logger=False)
         if train_files is None and hf_dataset is None:
             raise ConfigError("no training data: set train_files or hf_dataset.")
         if not 0.0 <= val_fraction < 1.0:

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import inspect
 import math
-import time
 from typing import Any, Literal
 
 import lightning as L
@@ -137,9 +136,10 @@ class LitMoE(L.LightningModule):
             raise ConfigError(f"nan_policy must be 'skip' or 'stop', got {nan_policy!r}.")
         self.config = config
         # Hyperparameters hold the config as plain data (no pickled dataclass), so checkpoints
-        # load with weights_only and loggers flatten it (`config/num_experts`, ...).
+        # load with weights_only. Loggers get them from callbacks.RunInfoCallback, with the
+        # trainer and data settings under one naming scheme (`config/num_experts`, `model/lr`).
         config = dataclasses.asdict(config)  # noqa: F841 (read by save_hyperparameters from this frame)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         self.model = Transformer(self.config)
         self._optim_group_tags = optim_group_tags(self.model)  # by name: survives strategies' param swaps
         for block in self.model.blocks:
@@ -148,7 +148,6 @@ class LitMoE(L.LightningModule):
         self._skip_optimizer_step = False
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
-        self._step_started: float | None = None
         self._compiled = False
 
     # -- data / checkpoint plumbing ---------------------------------------------------------
@@ -251,14 +250,23 @@ class LitMoE(L.LightningModule):
             # on_before_optimizer_step then drops the gradients, so the update does nothing.
             self._skip_optimizer_step = True
             return loss
-        self.log("train/skipped_steps", float(self.skipped_steps))
         self.log("train/loss", global_loss, prog_bar=True)  # the loss of the global batch
         self.log("train/ce", ce)
+        self.log("train/lr", self._scheduled_lr())
         for name, value in self.model.aux_losses().items():
             self.log(f"train/{name}", value)
         for name, value in self.model.regularization_losses().items():  # e.g. kappa/reg
             self.log(name, value)
         return loss
+
+    def _scheduled_lr(self) -> float:
+        """The learning rate of this step's update: the "decay" group's (every group without
+        its own schedule has the same; κ's is this × `kappa/lr_factor`). One chart instead of
+        LearningRateMonitor's identical one per group."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return float(self.hparams.lr)
+        groups = self.trainer.optimizers[0].param_groups
+        return float(next((g["lr"] for g in groups if g.get("name") == "decay"), groups[0]["lr"]))
 
     def _mean_over_ranks(self, loss: Tensor) -> Tensor:
         """Mean of the ranks' losses (one all-reduce): non-finite when any rank's is, so all
@@ -288,17 +296,6 @@ class LitMoE(L.LightningModule):
             # gradient clipping (next) sees nothing to clip.
             optimizer.zero_grad(set_to_none=True)
             self._skip_optimizer_step = False
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Tensor, batch_idx: int) -> None:
-        # Wall time of forward + backward + optimizer step on this rank; every rank runs the
-        # same shape, so the global rate is world_size times the local one.
-        if self._step_started is not None:
-            elapsed = time.perf_counter() - self._step_started
-            tokens = (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
-            self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")

@@ -60,7 +60,7 @@ def test_fit_is_tracked_in_mlflow_and_resumes(workdir):
     # shuffle order, which moves the final loss by about ±0.1.
     final = sum(losses[-3:]) / 3
     assert final < math.log(320) - 1.0 and final < losses[0] - 0.5, losses
-    for name in ("val/loss", "val/ppl", "train/ce", "train/load_balance", "train/z_loss", "train/tokens_per_sec"):
+    for name in ("val/loss", "val/ppl", "train/ce", "train/load_balance", "train/z_loss", "throughput/tokens_per_sec"):
         assert name in run.data.metrics, name
     assert abs(run.data.metrics["core/CORE"]) < 0.3  # CoreEvalCallback ran on the mini bundle
     val_loss = run.data.metrics["val/loss"]
@@ -90,8 +90,12 @@ def test_fit_is_tracked_in_mlflow_and_resumes(workdir):
     resumed_steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert min(resumed_steps) >= 40
 
-    # validate from the checkpoint
+    # validate from the checkpoint: a run of its own, with the same settings and origin recorded
     _run(["validate", *TINY, "--ckpt_path", last])
+    validated = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    assert "val/loss" in validated.data.metrics and "train/loss" not in validated.data.metrics
+    assert validated.data.params["trainer/limit_val_batches"] == "2"
+    assert validated.data.tags["config"] == "conf/tiny.yaml"
 
 
 def _cli_error(args, capsys):

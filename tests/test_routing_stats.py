@@ -227,23 +227,28 @@ def test_fit_logs_windows_and_survives_a_failing_plot(store, monkeypatch):
     torch.manual_seed(0)
     data = torch.randint(0, 64, (40, 17))
     logger = MLFlowLogger(experiment_name="routing-fit", tracking_uri=store)
+    # A capacity factor makes the active-expert count a statistic (tokens over capacity lose an
+    # expert); at 4 the capacity, 2·tokens per expert, exceeds any expert's load: nothing drops.
+    capacity_router = {"class_path": "lit_moe.moe.TopKRouter", "init_args": {"top_k": 2, "capacity_factor": 4.0}}
     trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=logger, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, val_check_interval=4,
                         limit_val_batches=2, num_sanity_val_steps=0,
                         callbacks=[RoutingStatsCallback(window=2, plot_every=2)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(_tiny_module(), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+        trainer.fit(_tiny_module(router=capacity_router), DataLoader(data, batch_size=4),
+                    DataLoader(data, batch_size=4))
     assert trainer.global_step == 5
     assert any("could not write the routing plots" in str(w.message) for w in caught)
     client = MlflowClient(tracking_uri=store)
     # Windows close after optimizer steps 2 and 4 (logged at Lightning's step labels 1 and 3,
-    # beside that batch's train/loss) and at the end of training (label 5); each step routes
-    # 4 sequences × 16 tokens.
+    # beside that batch's train/loss) and at the end of training (the 5th step: label 4); each
+    # step routes 4 sequences × 16 tokens.
     seen = [(m.step, m.value) for m in client.get_metric_history(logger.run_id, "routing/tokens_seen")]
-    assert sorted(seen) == [(1, 128.0), (3, 256.0), (5, 320.0)]
+    assert sorted(seen) == [(1, 128.0), (3, 256.0), (4, 320.0)]
     active = client.get_metric_history(logger.run_id, "routing/layer_01/active_mean")
     assert [m.value for m in active] == [2.0, 2.0, 2.0]  # top-2
+    assert [m.value for m in client.get_metric_history(logger.run_id, "routing/dropped")] == [0.0, 0.0, 0.0]
     # One validation pass, logged at the same step as val/loss.
     val = client.get_metric_history(logger.run_id, "routing/val/layer_00/active_mean")
     (val_loss,) = client.get_metric_history(logger.run_id, "val/loss")
@@ -279,16 +284,26 @@ def test_cli_fit_logs_routing_metrics_and_plots_then_report_compares(store, tmp_
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("routing-cli").experiment_id])
     for layer in ("layer_00", "layer_01"):
-        for name in ("load_imbalance", "load_cv", "dead_experts", "entropy", "active_mean", "active_p50",
-                     "active_p95", "active_max", "dropped"):
+        for name in ("load_imbalance", "load_cv", "entropy", "load_balance", "z_loss", "peak_imbalance"):
             assert f"routing/{layer}/{name}" in run.data.metrics, (layer, name)
             assert f"routing/val/{layer}/{name}" in run.data.metrics, (layer, name)
-    assert run.data.metrics["routing/active_total"] == 4.0  # top-2 in 2 layers
+        # Dropless top-2: every token has 2 experts and none is dropped; no flat charts for that.
+        for name in ("active_mean", "active_p50", "active_p95", "active_max", "dropped", "dead_experts"):
+            assert f"routing/{layer}/{name}" not in run.data.metrics, (layer, name)
+    assert "routing/active_total" not in run.data.metrics
     assert 1.0 <= run.data.metrics["routing/load_imbalance_max"] <= 4.0
-    # The config's window (10) never closed: the end of training logs the partial window and plots it.
+    # The config's window (10) never closed: the end of training logs the partial window and
+    # plots it, at the logging step of the 4th (last) step, 3, as train/loss and val/loss are.
+    (val_loss,) = client.get_metric_history(run.info.run_id, "val/loss")
+    assert val_loss.step == 3
     artifacts = set(_artifacts(client, run.info.run_id, "routing"))
-    for name in ("load_share.png", "active_experts.png", "kappa.png", "counts.csv", "counts.json"):
-        assert f"routing/step000004/{name}" in artifacts, name
+    for name in ("load_share.png", "kappa.png", "counts.csv", "counts.json"):
+        assert f"routing/step000003/{name}" in artifacts, name
+    assert "routing/step000003/active_experts.png" not in artifacts  # all bars would be k = 2
+    # The snapshot holds the validation run at that step too, under the split name "val".
+    local = client.download_artifacts(run.info.run_id, "routing/step000003/counts.json", str(tmp_path))
+    counts = json.loads(Path(local).read_text())
+    assert sorted(counts) == ["train", "val"] and counts["val"]["step"] == 3 == counts["train"]["step"]
 
     # A second run (other router, no routing callback data) in the same store, then the report.
     other = client.create_run(run.info.experiment_id, run_name="soft-run")
@@ -311,24 +326,26 @@ def test_cli_fit_logs_routing_metrics_and_plots_then_report_compares(store, tmp_
 # -- report -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_runs(store) -> list[str]:
-    """Experiment "cmp": a top-k and a SoftMoE run with hand-set params and metrics."""
+    """Experiment "cmp": a top-k run as RunInfoCallback logs it now, and a SoftMoE run under the
+    names runs had before (params `batch_size`, `seq_len`; `train/tokens_per_sec`)."""
     client = MlflowClient(tracking_uri=store)
     experiment = client.create_experiment("cmp")
     ids = []
-    for name, router, params, val in [
-        ("topk", "TopKRouter", {"config/router/init_args/top_k": "2"}, [(10, 6.0), (20, 5.5)]),
-        ("soft", "SoftTopKRouter", {"config/budget/total": "6.0", "config/budget/learnable": "True"},
-         [(10, 6.2), (20, 5.4)]),
+    for name, router, params, val, speed_key in [
+        ("topk", "TopKRouter", {"config/router/init_args/top_k": "2", "trainer/global_batch_size": "4",
+                                "config/seq_len": "8"}, [(10, 6.0), (20, 5.5)], "throughput/tokens_per_sec"),
+        ("soft", "SoftTopKRouter", {"config/budget/total": "6.0", "config/budget/learnable": "True",
+                                    "batch_size": "4", "seq_len": "8"}, [(10, 6.2), (20, 5.4)], "train/tokens_per_sec"),
     ]:
         rid = client.create_run(experiment, run_name=name).info.run_id
         for key, value in {"config/router/class_path": f"lit_moe.moe.{router}",
-                           "config/experts/class_path": "lit_moe.moe.SwiGLUExperts", "batch_size": "4",
-                           "seq_len": "8", "params/total": "6889152", "params/active": "3055296", **params}.items():
+                           "config/experts/class_path": "lit_moe.moe.SwiGLUExperts",
+                           "params/total": "6889152", "params/active": "3055296", **params}.items():
             client.log_param(rid, key, value)
         for step, loss in val:
             client.log_metric(rid, "val/loss", loss, step=step)
         for step, speed in [(1, 100.0), (2, 300.0), (3, 200.0)]:
-            client.log_metric(rid, "train/tokens_per_sec", speed, step=step)
+            client.log_metric(rid, speed_key, speed, step=step)
         ids.append(rid)
     # Only the soft run has the routing callback's data: exact token counts and active experts.
     for step, tokens in [(10, 400.0), (20, 1000.0)]:
@@ -350,10 +367,12 @@ def test_report_table_and_curves_for_two_runs(store, two_runs, tmp_path, capsys)
     for cell in ("5.4000", "1.50", "6.89M", "3.06M", "200", "0.0123"):  # median tokens/s of 100, 300, 200
         assert cell in soft, cell
     assert "TopKRouter(top_k=2) + SwiGLUExperts" in topk and "5.5000" in topk
+    assert "2.00" in topk and "200" in topk  # dropless top-2: k active experts; median tokens/s
     assert topk.rstrip().endswith("-")  # no CORE
-    # Tokens: the soft run's logged counts; the top-k run's step × batch_size × seq_len = step × 32.
+    # Tokens: the soft run's logged counts; the top-k run's (step + 1) × batch × seq_len = (step + 1) × 32,
+    # as MLflow step s is the (s + 1)-th optimizer step.
     assert summaries[0].curve == [(10, 400.0, pytest.approx(6.2)), (20, 1000.0, pytest.approx(5.4))]
-    assert [tokens for _, tokens, _ in summaries[1].curve] == [320, 640]
+    assert [tokens for _, tokens, _ in summaries[1].curve] == [352, 672]
     assert (tmp_path / "out" / "cmp.png").stat().st_size > 0
 
 
