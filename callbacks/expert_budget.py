@@ -66,13 +66,6 @@ class ExpertBudgetCallback(L.Callback):
     def _routers(pl_module: L.LightningModule) -> list[tuple[int, Any]]:
         return [(i, r) for i, r in pl_module.model.routers() if hasattr(r, "last_active")]
 
-    @staticmethod
-    def _layer_k(pl_module: L.LightningModule, routers: list) -> torch.Tensor:
-        budget = pl_module.model.budget
-        if budget is not None:
-            return budget.k().detach().float()
-        return torch.tensor([r.k for _, r in routers], device=pl_module.device)
-
     def alpha_at(self, step: int, total_steps: int) -> float:
         """Cosine from alpha_start to alpha_end over alpha_steps (default: the whole run)."""
         span = max(1, self.alpha_steps or total_steps)
@@ -117,7 +110,7 @@ class ExpertBudgetCallback(L.Callback):
         active = trainer.strategy.reduce(active, reduce_op="mean")
         self._active_sum = active if self._active_sum is None else self._active_sum + active
         self._active_steps += 1
-        layer_k = self._layer_k(pl_module, routers)
+        layer_k = pl_module.model.target_active_experts()
         # Only what can change: k_l under a learnable budget, θ under the enforce controller.
         # The target total K and a fixed k_l = K/L are params (`config/budget/*`).
         learned_k = budget is not None and budget.learnable

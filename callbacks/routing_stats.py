@@ -43,12 +43,16 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.mlflow_utils import log_file_artifact, logging_step, mlflow_loggers
 from lit_moe.errors import ConfigError
-from lit_moe.moe.routing_metrics import COUNTER_NAMES, model_summary, reduced_counters, summarize
+from lit_moe.moe.router import Router
+from lit_moe.moe.routing_metrics import (COUNTER_NAMES, flatten_counters, model_summary, summarize,
+                                         unflatten_counters)
 
 # The routers' counter sets are "train" and "eval"; what the user sees calls the latter "val",
 # as `val/loss` does.
@@ -68,6 +72,28 @@ def active_count_varies(router: Any) -> bool:
 
 def drops_tokens(router: Any) -> bool:
     return getattr(router, "capacity_factor", None) is not None
+
+
+def reduce_across_ranks(values: Tensor, is_max: Tensor) -> Tensor:
+    """Sum (max where `is_max`) of `values` over all ranks: one all_gather of the whole vector,
+    so mixed reductions still cost a single collective. A no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, values)
+    stacked = torch.stack(gathered)
+    return torch.where(is_max, stacked.amax(dim=0), stacked.sum(dim=0))
+
+
+def reduced_counters(routers: list[Router], split: str) -> list[dict[str, Tensor]]:
+    """Every router's counters of `split` (handed out tagged with how they reduce), reduced
+    across ranks, on the CPU; then resets them. A collective: every rank must call it at the
+    same point."""
+    per_layer = [router.metrics(split) for router in routers]
+    values, is_max = flatten_counters(per_layer)
+    for router in routers:
+        router.reset_metrics(split)
+    return unflatten_counters(reduce_across_ranks(values, is_max).cpu(), per_layer)
 
 
 @dataclass
@@ -207,18 +233,8 @@ class RoutingStatsCallback(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=label)
-        return Window(split, first_step, label, layers, counters, stats, self._target_k(pl_module, routers))
-
-    @staticmethod
-    def _target_k(pl_module: L.LightningModule, routers: list[tuple[int, Any]]) -> list[float]:
-        """Per-layer expert count the routing aims at: the budget's k_l, else the router's k."""
-        budget = getattr(pl_module.model, "budget", None)
-        if budget is None:
-            return [float(router.expected_active_experts()) for _, router in routers]
-        k = budget.k().detach()
-        if hasattr(k, "full_tensor"):  # a sharded (FSDP2) η: collective, called on every rank
-            k = k.full_tensor()
-        return [float(v) for v in k.cpu()]
+        targets = pl_module.model.target_active_experts().tolist()
+        return Window(split, first_step, label, layers, counters, stats, targets)
 
     # -- artifacts -------------------------------------------------------------------------------
     def _kappa_samples(self, pl_module: L.LightningModule) -> tuple[list[str], list[np.ndarray], list[float]]:

@@ -443,6 +443,15 @@ class Transformer(nn.Module):
         for i, layer in self.moe_layers():
             yield i, layer.router
 
+    def target_active_experts(self) -> Tensor:
+        """Per MoE layer [L], the experts a token is meant to use: the budget's k_l when the
+        model has one, else each router's design value (top-k's k, SoftMoE's own k). Detached,
+        on the model's device; what the realised counts are compared with."""
+        if self.budget is not None:
+            return self.budget.k().detach().float()
+        return torch.tensor([router.expected_active_experts() for _, router in self.routers()],
+                            device=self.tok_emb.weight.device)
+
     def first_nonfinite(self) -> str | None:
         """Where the last forward first went non-finite, in depth order ("layer 02 router
         logits", "layer 03 output"), or None when every layer stayed finite.

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from lit_moe.moe import TopKRouter
-from lit_moe.moe.routing_metrics import reduced_counters
+from callbacks.routing_stats import reduced_counters
 
 
 def one_hot_router(num_experts: int, top_k: int = 1, **kwargs) -> TopKRouter:

@@ -18,21 +18,16 @@ Counters (E = number of experts):
     peak_imbalance []   max over forwards of max_e tokens_e / mean_e tokens_e   (a maximum)
 
 All counters are sums over steps and ranks except those in `MAX_COUNTERS`, which take the
-maximum. `reduced_counters` reduces every layer's counters across ranks in one collective;
-`summarize` / `model_summary` turn (reduced) counters into the logged statistics.
+maximum (`flatten_counters` hands them out tagged that way); the routing-statistics callback
+reduces them across ranks (`callbacks.routing_stats.reduced_counters`), and `summarize` /
+`model_summary` turn the reduced counters into the logged statistics.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
-import torch.distributed as dist
 from torch import Tensor
-
-if TYPE_CHECKING:  # router.py imports this module
-    from lit_moe.moe.router import Router
 
 SPLITS = ("train", "eval")
 COUNTER_NAMES = ("tokens", "weight", "active_hist", "entropy", "dropped", "load_balance", "z_loss", "forwards",
@@ -160,27 +155,6 @@ def unflatten_counters(values: Tensor, like: list[dict[str, Tensor]]) -> list[di
     return out
 
 
-def reduce_across_ranks(values: Tensor, is_max: Tensor) -> Tensor:
-    """Sum (max where `is_max`) of `values` over all ranks: one all_gather of the whole vector,
-    so mixed reductions still cost a single collective. A no-op without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, values)
-    stacked = torch.stack(gathered)
-    return torch.where(is_max, stacked.amax(dim=0), stacked.sum(dim=0))
-
-
-def reduced_counters(routers: list[Router], split: str) -> list[dict[str, Tensor]]:
-    """Every router's counters of `split`, reduced across ranks, on the CPU; then resets them.
-    A collective: every rank must call it at the same point."""
-    per_layer = [router.metrics(split) for router in routers]
-    values, is_max = flatten_counters(per_layer)
-    for router in routers:
-        router.reset_metrics(split)
-    return unflatten_counters(reduce_across_ranks(values, is_max).cpu(), per_layer)
-
-
 def model_summary(counters: list[dict[str, Tensor]], layer_stats: list[dict[str, float]]) -> dict[str, float]:
     """Model-wide aggregates of the per-layer statistics."""
     stats = [s for s in layer_stats if s]
@@ -205,4 +179,4 @@ def model_summary(counters: list[dict[str, Tensor]], layer_stats: list[dict[str,
 
 
 __all__ = ["RoutingCounters", "SPLITS", "COUNTER_NAMES", "MAX_COUNTERS", "active_percentile", "summarize",
-           "model_summary", "flatten_counters", "unflatten_counters", "reduce_across_ranks", "reduced_counters"]
+           "model_summary", "flatten_counters", "unflatten_counters"]
