@@ -66,12 +66,11 @@ def main(args: list[str] | None = None) -> dict | None:
 
 
 def run(args: list[str] | None = None) -> None:
-    """Console entry with the project's error handling (as `python cli.py evaluate`)."""
-    try:
-        main(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    """Console entry: `python cli.py evaluate ...`, with the CLI's one error handling (one
+    message and exit code 2 for bad input)."""
+    from cli import main as lit_moe_main  # the top-level command line, installed as the `cli` module
+
+    lit_moe_main(["evaluate", *(sys.argv[1:] if args is None else args)])
 
 
 if __name__ == "__main__":

@@ -138,8 +138,8 @@ class LitMoE(L.LightningModule):
         # Hyperparameters hold the config as plain data (no pickled dataclass), so checkpoints
         # load with weights_only. Loggers get them from callbacks.RunInfoCallback, with the
         # trainer and data settings under one naming scheme (`config/num_experts`, `model/lr`).
-        config = dataclasses.asdict(config)  # noqa: F841 (read by save_hyperparameters from this frame)
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(ignore=["config"], logger=False)
+        self.hparams["config"] = dataclasses.asdict(config)
         self.model = Transformer(self.config)
         self._optim_group_tags = optim_group_tags(self.model)  # by name: survives strategies' param swaps
         for block in self.model.blocks:
