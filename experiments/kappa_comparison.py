@@ -50,6 +50,8 @@ def run_seed(shared: Path, steps: int, workdir: Path, seed: int, only: list[str]
             continue
         cmd = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(REPO / "conf" / config),
                "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
+               # Validation once, at the end (the table's val loss is the final model's).
+               "--trainer.val_check_interval", str(steps),
                "--trainer.enable_progress_bar", "false",
                "--trainer.logger.init_args.experiment_name", EXPERIMENT,
                "--trainer.logger.init_args.tracking_uri", f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
