@@ -21,9 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # label → config; each κ config differs from its plain twin only in the experts (and the κ callback).
-CONFIGS = {
+CONFIGS: dict[str, str | tuple[str, dict]] = {
     "top-2 + SwiGLU": "tiny.yaml",
     "top-2 + κ-SwiGLU": "tiny_kappa.yaml",
+    # (config, experts init_args changed): the unnormalised confidence s = 0.3·z.
+    "top-2 + κ-SwiGLU, s = 0.3·z": ("tiny_kappa.yaml", {"confidence": "top_logit"}),
     "SoftMoE + SwiGLU": "tiny_softmoe.yaml",
     "SoftMoE + κ-SwiGLU": "tiny_softmoe_kappa.yaml",
 }
@@ -46,10 +48,24 @@ def run_seed(shared: Path, steps: int, workdir: Path, seed: int, only: list[str]
     seed_dir = workdir / f"seed_{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
     procs = []
-    for label, config in CONFIGS.items():
+    for label, entry in CONFIGS.items():
         if only and label not in only:
             continue
-        cmd = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(REPO / "conf" / config),
+        config, changes = (entry, None) if isinstance(entry, str) else entry
+        config_path = REPO / "conf" / config
+        if changes:
+            # A copy of the config with the experts' init_args changed, next to the run's logs.
+            import yaml
+
+            data = yaml.safe_load(config_path.read_text())
+            data["model"]["config"]["experts"]["init_args"].update(changes)
+            config = f"{config_path.stem}-{'-'.join(map(str, changes.values()))}.yaml"
+            for callback in data["trainer"]["callbacks"]:  # its own checkpoint directory
+                if callback["class_path"].endswith("ModelCheckpoint"):
+                    callback["init_args"]["dirpath"] = f"checkpoints/{Path(config).stem}"
+            config_path = seed_dir / config
+            config_path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        cmd = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config_path),
                "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
                # Validation once, at the end (the table's val loss is the final model's).
                "--trainer.val_check_interval", str(steps),
@@ -158,7 +174,7 @@ def report(workdir: Path, val_file: Path | None = None) -> str:
                       f"{', '.join(f'{d:+.4f}' for d in diffs)}; mean {statistics.fmean(diffs):+.4f} ± {spread:.4f} "
                       f"(sd over {len(diffs)} seeds).")
     if val_file is not None:
-        for config in ("tiny_kappa", "tiny_softmoe_kappa"):
+        for config in ("tiny_kappa", "tiny_kappa-top_logit", "tiny_softmoe_kappa"):
             checkpoints = sorted(workdir.glob(f"seed_*/checkpoints/{config}/last.ckpt"))
             if not checkpoints:
                 continue
