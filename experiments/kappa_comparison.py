@@ -130,6 +130,18 @@ def kappa_distribution(checkpoints: list[Path], val_file: Path, batches: int = 4
     return stats
 
 
+def core_from_checkpoint(path: Path, limit: int = 20) -> float:
+    """CORE on the mini bundle (evaluation/core_mini), as `CoreEvalCallback(limit=20)` does
+    after fit: for runs whose config had no CORE callback."""
+    from evaluation import core
+    from evaluation.adapter import LitMoELM
+    from lit_moe.checkpoint import load_checkpoint
+
+    module, tokenizer = load_checkpoint(str(path))
+    lm = LitMoELM(model=module.model, tokenizer=tokenizer, batch_size=16)
+    return float(core.evaluate_core(lm, str(REPO / "evaluation" / "core_mini"), None, limit)["CORE"])
+
+
 def report(workdir: Path, val_file: Path | None = None) -> str:
     from mlflow.tracking import MlflowClient
 
@@ -150,6 +162,13 @@ def report(workdir: Path, val_file: Path | None = None) -> str:
         losses = [r.data.metrics["val/loss"] for r in runs]
         losses_by[label] = dict(zip(seeds, losses))
         cores = [r.data.metrics.get("core/CORE", math.nan) for r in runs]
+        entry = CONFIGS[label]
+        stem = Path(entry if isinstance(entry, str) else
+                    f"{Path(entry[0]).stem}-{'-'.join(map(str, entry[1].values()))}.yaml").stem
+        for j, (seed, value) in enumerate(zip(seeds, cores)):
+            checkpoint = workdir / f"seed_{seed.split()[-1]}" / "checkpoints" / stem / "last.ckpt"
+            if math.isnan(value) and checkpoint.exists():
+                cores[j] = core_from_checkpoint(checkpoint)
         layers = sorted({k.split("/")[1] for k in runs[0].data.metrics if k.startswith("kappa/layer_")})
 
         def by_layer(stat: str) -> str:
