@@ -199,7 +199,8 @@ def report(workdir: Path, val_file: Path | None = None) -> str:
                 continue
             stats = kappa_distribution(checkpoints, val_file)
             table += (f"\n\nκ after training, {config} ({len(checkpoints)} seeds pooled, validation windows):\n\n"
-                      "| layer | mean | std | p5 | p50 | p95 | share |ln κ| > ln 1.1 |\n|---|---|---|---|---|---|---|\n")
+                      "| layer | mean | std | p5 | p50 | p95 | share outside [1/1.1, 1.1] |\n"
+                      "|---|---|---|---|---|---|---|\n")
             table += "\n".join(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
                                 for name, values in stats.items())
     print(table)

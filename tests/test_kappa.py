@@ -238,7 +238,8 @@ def test_confidence_modes_give_the_reference_inputs(router):
     torch.manual_seed(0)
     x = torch.randn(30, 16) * 1.7
     eps, alpha = 1e-4, 0.5
-    for mode, gain in {"top_logit": 0.3, "logit_norm": 6.0, "cosine": 6.0, "router_weight": 2.0, "constant": 1.0}.items():
+    gains = {"top_logit": 0.3, "logit_norm": 6.0, "cosine": 6.0, "router_weight": 2.0, "constant": 1.0}
+    for mode, gain in gains.items():
         layer = MoELayer(16, 8, 4, router, kappa_spec(confidence=mode), {"class_path": "lit_moe.moe.SortedDispatch"})
         logits, weights = layer.router.logits_and_weights(x)
         w_r = layer.router.gate.weight.detach()
@@ -288,7 +289,8 @@ def test_router_gradient_through_confidence_is_scaled_and_detached_at_zero():
         if cut:
             original = layer.experts.routing_confidence
             layer.experts.routing_confidence = lambda routed: original(routed).detach()
-        return run_layer(layer, torch.randn(40, 16, generator=torch.Generator().manual_seed(1)))[2]["router.gate.weight"]
+        x = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
+        return run_layer(layer, x)[2]["router.gate.weight"]
 
     g0, g_tenth, g1, cut = router_grad(0.0), router_grad(0.1), router_grad(1.0), router_grad(1.0, cut=True)
     torch.testing.assert_close(g0, cut)
@@ -467,7 +469,8 @@ def test_global_b_is_shared_by_dense_and_moe_layers():
     """granularity global in the experts and the dense MLP: one b (and the experts' a) for the
     whole model, counted and optimised once; the dense layer uses b·c, the experts b + a·s."""
     config = small_config("global", n_dense_layers=1, dense_hidden=24,
-                          dense_mlp={"class_path": "lit_moe.moe.KappaDenseSwiGLU", "init_args": {"granularity": "global"}})
+                          dense_mlp={"class_path": "lit_moe.moe.KappaDenseSwiGLU",
+                                     "init_args": {"granularity": "global"}})
     model = Transformer(config)
     dense = model.blocks[0].mlp
     kappas = {id(layer.experts.kappa) for _, layer in model.moe_layers()} | {id(dense.kappa)}

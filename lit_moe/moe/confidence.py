@@ -5,7 +5,8 @@ the κ experts turn them into s with their own mode and gain, following the refe
 (askerlee/kappa-swiglu, `MOELayer._select_gate_confidence`):
 
     top_logit      s = 0.3 · z                          (z: the raw router logit)
-    logit_norm     s = 6 · z / (‖x‖ · ŵ_e^α · C)        ŵ_e = √(‖W_r,e‖² + ε), C = mean_e ŵ_e^(1−α)
+    logit_norm     s = 6 · z / (‖x‖ · ŵ_e^α · C),
+                   ŵ_e = √(‖W_r,e‖² + ε), C = mean_e ŵ_e^(1−α)
     cosine         s = 6 · z / (‖x‖ · ‖W_r,e‖)          (α = 1, ε = 0, C = 1: lit-moe's earlier form)
     router_weight  s = 2 · p                            (p: the routing weight)
     constant       s = c (1 by default; only b is learned: κ = U^tanh(b·c))

@@ -111,7 +111,8 @@ class RmsFloor(nn.Module):
                  floor_frac: float = 0.9):
         super().__init__()
         if not (0 <= beta < 1 and 0 <= anchor_start <= anchor_end <= 1 and floor_frac >= 0):
-            raise ConfigError(f"rms_floor: need 0 ≤ beta < 1, 0 ≤ anchor_start ≤ anchor_end ≤ 1 and floor_frac ≥ 0; "
+            raise ConfigError(f"rms_floor: need 0 ≤ beta < 1, 0 ≤ anchor_start ≤ anchor_end ≤ 1 and "
+                              f"floor_frac ≥ 0; "
                               f"got beta={beta}, anchor_start={anchor_start}, anchor_end={anchor_end}, "
                               f"floor_frac={floor_frac}.")
         self.beta, self.anchor_start, self.anchor_end, self.floor_frac = beta, anchor_start, anchor_end, floor_frac

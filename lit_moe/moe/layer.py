@@ -27,7 +27,8 @@ class MoELayer(nn.Module):
         # what the router computed; the dispatch hands each pair its value.
         confidence = None
         if self.experts.confidence_mode is not None:
-            confidence = self.experts.routing_confidence(RouterOutputs(tokens, logits, weights, self.router.gate.weight))
+            routed = RouterOutputs(tokens, logits, weights, self.router.gate.weight)
+            confidence = self.experts.routing_confidence(routed)
         out = self.dispatch(tokens, weights, self.experts, confidence=confidence, slots=self.router.slots,
                             skip_zero=self.router.zero_slots)
         return out.reshape(shape)
