@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's lit_moe (the report loads checkpoints), also when another is installed.
+sys.path.insert(0, str(REPO))
 # label → config; each κ config differs from its plain twin only in the experts (and the κ callback).
 CONFIGS: dict[str, str | tuple[str, dict]] = {
     "top-2 + SwiGLU": "tiny.yaml",
@@ -184,12 +186,13 @@ def report(workdir: Path, val_file: Path | None = None) -> str:
                      f"{', '.join(f'{c:.4f}' for c in cores)} | {statistics.fmean(cores):.4f} | "
                      f"{by_layer('mean')} | {by_layer('std')} | {by_layer('corr')} |")
     table = "\n".join(lines)
-    for base in ("top-2", "SoftMoE"):
-        plain, kappa = losses_by.get(f"{base} + SwiGLU"), losses_by.get(f"{base} + κ-SwiGLU")
-        if plain and kappa:
+    for label, kappa in losses_by.items():
+        base = label.split(" + ")[0]
+        plain = losses_by.get(f"{base} + SwiGLU")
+        if "κ" in label and plain:
             diffs = [kappa[s] - plain[s] for s in kappa if s in plain]  # paired by seed: same tokens
             spread = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
-            table += (f"\n\n{base}: κ-SwiGLU − SwiGLU val loss, paired by seed: "
+            table += (f"\n\n{label} − {base} + SwiGLU, val loss paired by seed: "
                       f"{', '.join(f'{d:+.4f}' for d in diffs)}; mean {statistics.fmean(diffs):+.4f} ± {spread:.4f} "
                       f"(sd over {len(diffs)} seeds).")
     if val_file is not None:
