@@ -673,6 +673,14 @@ def test_resume_mid_schedule_is_exact(tmp_path):
     assert second.lrs[2] == pytest.approx(0.5 * 0.1)
 
 
+def test_callback_refuses_kappa_layers_with_different_lr_schedules(tmp_path):
+    """One "kappa" group has one schedule: experts and dense MLP must agree."""
+    config = small_config(n_dense_layers=1, dense_hidden=24,
+                          dense_mlp={"class_path": "lit_moe.moe.KappaDenseSwiGLU", "init_args": {"lr_peak_scale": 0.3}})
+    with pytest.raises(ConfigError, match="disagree on the kappa group's lr schedule"):
+        _trainer(1, tmp_path, [KappaScheduleCallback()]).fit(LitMoE(config), train_dataloaders=_loader())
+
+
 def test_callback_refuses_a_model_without_kappa_layers(tmp_path):
     module = LitMoE(small_config(experts={"class_path": "lit_moe.moe.SwiGLUExperts"}))
     with pytest.raises(ConfigError, match="needs κ-SwiGLU layers"):
