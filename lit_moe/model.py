@@ -309,6 +309,10 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         for i, router in self.routers():
             router.layer_name = f"layer {i:02d} router"
+        for i, block in enumerate(self.blocks):  # e.g. κ-SwiGLU's start layer
+            for module in block.mlp.modules():
+                if hasattr(module, "set_layer_index"):
+                    module.set_layer_index(i)
         self._tie_shared_expert_modules()
         self.budget: GlobalExpertBudget | None = self._build_budget(cfg)
         if self.budget is not None:
@@ -336,14 +340,17 @@ class Transformer(nn.Module):
             raise ConfigError(f"model.config.budget: {err}") from err
 
     def _tie_shared_expert_modules(self) -> None:
-        """Expert submodules marked `shared_across_layers` (κ-SwiGLU's `global` b, a) are tied to
-        the first MoE layer's instance, like tied embeddings: `parameters()` and `modules()`
+        """Submodules marked `shared_across_layers` (κ-SwiGLU's `global` b, a) of the experts
+        and dense MLPs are tied to one instance, the first MoE layer's if any (it may hold a,
+        which dense layers do not use), like tied embeddings: `parameters()` and `modules()`
         then yield them once, so they are counted, optimised and regularised once."""
+        owners = [layer.experts for _, layer in self.moe_layers()]
+        owners += [block.mlp for block in self.blocks if not isinstance(block.mlp, MoELayer)]
         first: dict[str, nn.Module] = {}
-        for _, layer in self.moe_layers():
-            for name, child in list(layer.experts.named_children()):
+        for owner in owners:
+            for name, child in list(owner.named_children()):
                 if getattr(child, "shared_across_layers", False):
-                    setattr(layer.experts, name, first.setdefault(name, child))
+                    setattr(owner, name, first.setdefault(name, child))
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std

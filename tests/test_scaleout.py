@@ -60,7 +60,7 @@ trainer:
   - class_path: callbacks.ExpertBudgetCallback
     init_args: {{mode: enforce, control_every: 3, alpha_start: 2.0, alpha_end: 0.5}}
   - class_path: callbacks.KappaScheduleCallback
-    init_args: {{lr_delay_steps: 2, lr_ramp_steps: 4}}
+    init_args: {{warmup_fraction: 0.15}}
 {extra_callbacks}
   - class_path: scaleout_helpers.StepRecorder
     init_args: {{path: {record}}}
@@ -76,7 +76,8 @@ model:
     expert_hidden: 32
     router: {{class_path: lit_moe.moe.SoftTopKRouter, init_args: {{theta: 1.8, cap: 2.0, lb_weight: 0.0}}}}
     budget: {{total: 3.0, learnable: true}}
-    experts: {{class_path: lit_moe.moe.KappaSwiGLUExperts, init_args: {{granularity: per_gate}}}}
+    experts: {{class_path: lit_moe.moe.KappaSwiGLUExperts,
+              init_args: {{granularity: per_gate, lr_delay_steps: 2, lr_delay_fraction: 0.0, lr_warmup_steps: 4}}}}
 data:
   train_files: train.jsonl
   val_files: val.jsonl

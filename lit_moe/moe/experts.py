@@ -10,10 +10,14 @@ kernel does not take.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lit_moe.moe.confidence import RouterOutputs
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -127,13 +131,18 @@ class Experts(nn.Module):
     (zero on rows past the last group).
     `expert_forward(e, x)`: one expert on its own, used by the reference dispatch in tests.
 
-    Experts that need each pair's routing confidence (κ-SwiGLU) name the router's mode in
-    `confidence_mode`; the dispatch then passes `confidence` [N] (same order as x_sorted, or
-    the rows of x for `expert_forward`). None: the experts take no confidence.
+    Experts that need each pair's routing confidence (κ-SwiGLU) name their mode in
+    `confidence_mode` and derive it in `routing_confidence(routed)` → [T, E] from the router's
+    outputs (`lit_moe.moe.confidence.RouterOutputs`); the dispatch then passes `confidence` [N]
+    (same order as x_sorted, or the rows of x for `expert_forward`). None: the experts take
+    no confidence.
     """
 
     num_experts: int
     confidence_mode: str | None = None
+
+    def routing_confidence(self, routed: "RouterOutputs") -> Tensor:
+        raise NotImplementedError
 
     def forward(self, x_sorted: Tensor, groups: ExpertGroups, confidence: Tensor | None = None) -> Tensor:
         raise NotImplementedError

@@ -35,10 +35,6 @@ def switch_load_balance_loss(logits: Tensor, assigned: Tensor, probs: Tensor | N
     return num_experts * torch.dot(f, p)
 
 
-# Per-(token, expert) confidence inputs a router can give (`Router.confidence`, METHODS §3).
-CONFIDENCE_MODES = ("top_logit", "logit_norm", "router_weight", "constant")
-
-
 def nonfinite(t: Tensor) -> Tensor:
     """Whether t has a NaN or ±Inf (a 0-d bool device tensor, no host sync). One min/max pass
     (NaN propagates into both) instead of isfinite's [T, E] mask and its reduction."""
@@ -102,9 +98,6 @@ class Router(nn.Module):
     layer_name: str = "router"
     # NaN/Inf anywhere in the last forward's logits (a 0-d bool device tensor), see above.
     nonfinite_logits: Tensor | None = None
-    # Confidence modes `confidence()` supports; a subclass that cannot give one removes it,
-    # and the MoE layer refuses experts asking for it at config time.
-    confidence_modes: tuple[str, ...] = CONFIDENCE_MODES
 
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -178,28 +171,6 @@ class Router(nn.Module):
         """Zero the counters of `split` (both splits when None)."""
         for name in SPLITS if split is None else (split,):
             self._counters.pop(name, None)
-
-    def confidence(self, mode: str, x: Tensor, logits: Tensor, weights: Tensor) -> Tensor:
-        """Routing confidence of every (token, expert): [T, E] fp32, unscaled.
-
-        x, logits, weights: the router's input and the outputs of `logits_and_weights(x)`.
-
-        top_logit: the raw logit z_e; logit_norm: z_e / (‖W_r,e‖·‖x‖), a cosine in [−1, 1]
-        (norms detached, so the gradient only moves the direction); router_weight: the
-        combine weight w_e; constant: ones. The result carries the graph into the router.
-        """
-        if mode not in self.confidence_modes:
-            raise ConfigError(f"{self.layer_name}: {type(self).__name__} gives no confidence mode {mode!r}; "
-                              f"available: {list(self.confidence_modes)}.")
-        if mode == "top_logit":
-            return logits
-        if mode == "logit_norm":
-            with torch.no_grad():
-                norms = x.float().norm(dim=-1, keepdim=True) * self.gate.weight.float().norm(dim=-1)
-            return logits / norms.clamp_min(1e-6)
-        if mode == "router_weight":
-            return weights.float()
-        return torch.ones_like(logits)
 
     def weighted_aux_loss(self) -> Tensor:
         if not self.aux_losses:  # last forward ran with neither gradients nor statistics
