@@ -17,8 +17,8 @@ checkpoint on resume), in `on_train_batch_start`, which runs after the scheduler
 the previous batch and before this batch's optimizer step. Nothing compounds, and every value
 is a function of the step and the saved schedule length, so a resumed run continues exactly.
 
-After training batches it logs the κ group's learning rate as `lr-AdamW/kappa` (the model's
-own groups follow `train/lr`), `kappa/layer_XX/{mean,std,min,max,corr}` (the experts'
+It logs the κ group's learning rate as `lr-AdamW/kappa` (the model's own groups follow
+`train/lr`) and, after training batches, `kappa/layer_XX/{mean,std,min,max,corr}` (the experts'
 sampled κ statistics, device tensors; on the steps the logger records), `kappa/max_scale`
 and `kappa/lr_factor` (f). The schedule's length (total steps) is fixed at the first fit start
 and saved in the callback's state; U itself and the floors' state are saved in the model's.
@@ -127,6 +127,8 @@ class KappaScheduleCallback(L.Callback):
             for index, group in enumerate(optimizer.param_groups):
                 if group.get("name") == "kappa":
                     group["lr"] = base_lr * self._lr_multiplier(trainer, optimizer, index, group) * factor
+                    # Here, not after the step: the model's scheduler then resets the group's lr.
+                    pl_module.log("lr-AdamW/kappa", float(group["lr"]))
         self.last_lr_factor = factor
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -140,10 +142,6 @@ class KappaScheduleCallback(L.Callback):
                     stats = layer.experts.kappa_statistics()
                     for name, value in zip(STATS_NAMES, stats):
                         pl_module.log(f"kappa/layer_{i:02d}/{name}", value)
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                if group.get("name") == "kappa":
-                    pl_module.log("lr-AdamW/kappa", float(group["lr"]))
         modules = self.kappa_modules(pl_module)
         pl_module.log("kappa/max_scale", max(m.current_scale for m in modules))
         pl_module.log("kappa/lr_factor", float(self.last_lr_factor or 0.0))

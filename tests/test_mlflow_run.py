@@ -36,7 +36,7 @@ SMALL = [
 # Conditions of the README table's "when" column that hold for each config fitted here.
 CONDITIONS = {
     "tiny.yaml": {"always", "CORE"},  # dropless top-2
-    "tiny_softmoe_kappa.yaml": {"always", "active varies", "budget", "learned budget", "κ"},
+    "tiny_softmoe_kappa.yaml": {"always", "active varies", "budget", "learned budget", "κ", "CORE"},
 }
 EXTRA_ARGS = {"tiny_softmoe_kappa.yaml": ["--model.config.budget.total", "3.0"]}  # K = 1.5·L for 2 layers
 
