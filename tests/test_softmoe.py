@@ -117,11 +117,6 @@ def test_non_finite_router_logits_name_the_layer():
     assert model.first_nonfinite() == "layer 02 router logits"
 
 
-def test_check_finite_option_is_deprecated():
-    with pytest.warns(DeprecationWarning, match="check_finite"):
-        SoftTopKRouter(16, 8, check_finite=True)
-
-
 def test_alpha_schedule_values():
     cb = ExpertBudgetCallback(alpha_start=2.0, alpha_end=0.5, alpha_steps=100)
     assert cb.alpha_at(0, 1000) == pytest.approx(2.0)

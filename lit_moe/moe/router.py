@@ -10,7 +10,6 @@ counters on its device (`metrics()` / `reset_metrics()`, see `routing_metrics`).
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -243,8 +242,7 @@ class SoftTopKRouter(Router):
     `alpha` and `theta` are plain floats (a schedule or the budget controller may change them
     during training) saved in the state dict through `get_extra_state`, so they resume.
     Non-finite logits are flagged on the device like every router's (`nonfinite_logits`) and
-    reported by LitMoE's `nan_policy`; the former `check_finite` option (a host sync per
-    layer) is deprecated and ignored.
+    reported by LitMoE's `nan_policy`.
 
     Args:
         k: expected experts per token, in (0, num_experts); the budget's per-layer k replaces it.
@@ -253,13 +251,12 @@ class SoftTopKRouter(Router):
         cap: at most ⌈k·cap⌉ experts per token (≥ 1).
         lb_weight: weight of the load-balancing loss (≥ 0).
         z_weight: weight of the router z-loss (≥ 0).
-        check_finite: deprecated and ignored.
     """
 
     uses_budget_k = True
 
     def __init__(self, d_model: int, num_experts: int, k: float = 2.0, alpha: float = 1.0, theta: float = 1.8,
-                 cap: float = 2.0, lb_weight: float = 1e-2, z_weight: float = 0.0, check_finite: bool | None = None):
+                 cap: float = 2.0, lb_weight: float = 1e-2, z_weight: float = 0.0):
         super().__init__(d_model, num_experts, lb_weight=lb_weight, z_weight=z_weight)
         if not 0 < k < num_experts:
             raise ConfigError(f"SoftTopKRouter: k={k} must lie in (0, num_experts={num_experts}).")
@@ -273,10 +270,6 @@ class SoftTopKRouter(Router):
         self.alpha = float(alpha)
         self.theta = float(theta)
         self.cap = float(cap)
-        if check_finite is not None:
-            warnings.warn("SoftTopKRouter(check_finite=...) is deprecated and ignored: non-finite router logits "
-                          "are flagged per layer without a host sync and handled by LitMoE's nan_policy "
-                          "(skip | stop).", DeprecationWarning, stacklevel=2)
         # Realised mean number of active experts per token in the last forward (device tensor).
         self.register_buffer("last_active", torch.zeros(()), persistent=False)
 
