@@ -15,3 +15,13 @@ def _restore_float_state():
     """Fits flush denormals (a process-global CPU flag); keep tests independent of order."""
     yield
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: a second one only adds synchronisation, which on a
+    busy 2-core machine can cost far more than the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,20 +27,13 @@ from lit_moe.model import ModelConfig
 from lit_moe.module import LitMoE
 from lit_moe.tokenizer import train_bpe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "evaluation" / "core_mini"
 TINY = dict(d_model=32, n_layers=2, n_heads=2, num_experts=4, expert_hidden=32, vocab_size=512, seq_len=64)
 
 
 # -- fixtures ------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test models are tiny: a second intra-op thread only adds synchronisation, which on a
-    # busy 2-core machine costs up to 100× (measured 3 ms → 0.7 s per forward).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

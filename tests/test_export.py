@@ -19,16 +19,11 @@ from lit_moe.model import ModelConfig
 from lit_moe.module import LitMoE
 from lit_moe.tokenizer import eot_id, train_bpe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, n_layers=2, n_heads=2, num_experts=4, expert_hidden=16, vocab_size=304, seq_len=48)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

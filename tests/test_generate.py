@@ -16,6 +16,7 @@ from lit_moe.model import KVCache, ModelConfig, Transformer
 from lit_moe.module import LitMoE
 from lit_moe.tokenizer import train_bpe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, n_layers=3, n_heads=2, num_experts=4, expert_hidden=16, vocab_size=300, seq_len=48,
             n_dense_layers=1, dense_hidden=32)
@@ -23,12 +24,6 @@ SOFT = {"router": {"class_path": "lit_moe.moe.SoftTopKRouter", "init_args": {"k"
         "budget": {"total": 4.0, "learnable": True}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(**overrides) -> Transformer:

@@ -27,16 +27,9 @@ from lit_moe.moe.layer import MoELayer
 TOPK = {"class_path": "lit_moe.moe.TopKRouter", "init_args": {"top_k": 2}}
 SOFT = {"class_path": "lit_moe.moe.SoftTopKRouter", "init_args": {"k": 2.0}}
 ROUTERS = pytest.mark.parametrize("router", [TOPK, SOFT], ids=["topk", "soft"])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, and it does not stall when other jobs
-    share the CPU (OpenMP workers waiting for a descheduled sibling cost ~ms per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def kappa_spec(**init_args):

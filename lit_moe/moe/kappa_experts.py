@@ -204,7 +204,10 @@ class KappaParams(nn.Module):
         return losses
 
 
-def _check_common(max_scale: float, reg_weight: float, scale_reg_weight: float | None, owner: str) -> None:
+def _check_common(max_scale: float, reg_weight: float, scale_reg_weight: float | None, start_layer: int,
+                  owner: str) -> None:
+    if start_layer < 0:
+        raise ConfigError(f"{owner}: start_layer must be ≥ 0, got {start_layer}.")
     if not max_scale > 1:
         raise ConfigError(f"{owner}: max_scale (U) must be > 1, got {max_scale} (κ stays in (1/U, U); "
                           f"U = 1 is plain SwiGLU).")
@@ -300,9 +303,7 @@ class KappaSwiGLUExperts(_KappaLayerOptions, SwiGLUExperts):
         if not (0 <= confidence_norm_exponent <= 1 and confidence_norm_eps >= 0):
             raise ConfigError(f"{name}: confidence_norm_exponent must lie in [0, 1] and confidence_norm_eps be ≥ 0, "
                               f"got {confidence_norm_exponent} and {confidence_norm_eps}.")
-        if start_layer < 0:
-            raise ConfigError(f"{name}: start_layer must be ≥ 0, got {start_layer}.")
-        _check_common(max_scale, reg_weight, scale_reg_weight, name)
+        _check_common(max_scale, reg_weight, scale_reg_weight, start_layer, name)
         self.lr_schedule = _lr_schedule(name, lr=lr, peak_scale=lr_peak_scale, final_scale=lr_final_scale,
                                         delay_steps=lr_delay_steps, delay_fraction=lr_delay_fraction,
                                         warmup_steps=lr_warmup_steps)
@@ -442,9 +443,7 @@ class KappaDenseSwiGLU(_KappaLayerOptions, DenseSwiGLU):
                               f"{list(DENSE_GRANULARITIES)}.")
         if not math.isfinite(constant):
             raise ConfigError(f"{name}: constant must be finite, got {constant}.")
-        if start_layer < 0:
-            raise ConfigError(f"{name}: start_layer must be ≥ 0, got {start_layer}.")
-        _check_common(max_scale, reg_weight, None, name)
+        _check_common(max_scale, reg_weight, None, start_layer, name)
         self.lr_schedule = _lr_schedule(name, lr=lr, peak_scale=lr_peak_scale, final_scale=lr_final_scale,
                                         delay_steps=lr_delay_steps, delay_fraction=lr_delay_fraction,
                                         warmup_steps=lr_warmup_steps)
