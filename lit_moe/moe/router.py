@@ -84,7 +84,10 @@ class Router(nn.Module):
         # device. Plain attributes, not buffers: DDP broadcasts buffers from rank 0 at every
         # forward (which would overwrite each rank's counts), and checkpoints stay unchanged.
         self.record_metrics = True
+        # Created here and rebuilt when the module moves (`_apply`), never inside a forward: a
+        # compiled block then updates existing objects instead of breaking its graph.
         self._counters: dict[str, RoutingCounters] = {}
+        self._new_counters()
 
     def compute_logits(self, x: Tensor) -> Tensor:
         # fp32 logits even under bf16 autocast: top-k/softmax decisions are sensitive to rounding.
@@ -146,16 +149,27 @@ class Router(nn.Module):
         else:
             self.aux_losses = {}
         # Activation checkpointing re-runs this forward inside backward (the autograd engine then
-        # has a current graph task): count each routing once.
-        if self.record_metrics and torch._C._current_graph_task_id() == -1:
+        # has a current graph task): count each routing once. A compiled block recomputes inside
+        # its compiled backward, never through this Python, and the check would break its graph.
+        if self.record_metrics and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
             self._split_counters("train" if self.training else "eval", logits.device).update(
                 logits, weights, assigned, self.aux_losses, probs=probs, log_normalizer=log_normalizer)
         return logits, weights
 
     # -- routing statistics (read by callbacks.RoutingStatsCallback) --------------------------
+    def _new_counters(self) -> None:
+        device = self.gate.weight.device
+        self._counters = {split: RoutingCounters(self.num_experts, device) for split in SPLITS}
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 — nn.Module's hook for .to()/.cuda()
+        module = super()._apply(fn, *args, **kwargs)
+        if self._counters and next(iter(self._counters.values())).device != self.gate.weight.device:
+            self._new_counters()  # moved to another device: counting starts afresh there
+        return module
+
     def _split_counters(self, split: str, device: torch.device) -> RoutingCounters:
-        counters = self._counters.get(split)
-        if counters is None or counters.device != device:  # first use, or the module moved
+        counters = self._counters[split]
+        if counters.device != device:  # parameters swapped behind .to() (e.g. by a strategy)
             counters = self._counters[split] = RoutingCounters(self.num_experts, device)
         return counters
 
@@ -169,7 +183,7 @@ class Router(nn.Module):
     def reset_metrics(self, split: str | None = None) -> None:
         """Zero the counters of `split` (both splits when None)."""
         for name in SPLITS if split is None else (split,):
-            self._counters.pop(name, None)
+            self._split_counters(name, self.gate.weight.device).zero_()
 
     def weighted_aux_loss(self) -> Tensor:
         if not self.aux_losses:  # last forward ran with neither gradients nor statistics
@@ -293,6 +307,13 @@ class SoftTopKRouter(Router):
         assigned = weights != 0
         self.last_active = assigned.sum(dim=-1, dtype=torch.float32).mean().detach()
         return weights, assigned
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        module = super()._apply(fn, *args, **kwargs)
+        # A statistic, not a weight: it stays fp32 when the model is cast (e.g. to bf16), so a
+        # compiled forward does not see its dtype change at the first assignment.
+        self.last_active = self.last_active.float()
+        return module
 
     def get_extra_state(self) -> dict[str, float]:
         return {"alpha": self.alpha, "theta": self.theta}

@@ -85,6 +85,13 @@ class RoutingCounters:
     def as_dict(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in COUNTER_NAMES}
 
+    @torch.no_grad()
+    def zero_(self) -> None:
+        """Start a new window in place: the same object and tensors, so a compiled forward that
+        updates them keeps its graph."""
+        for name in COUNTER_NAMES:
+            getattr(self, name).zero_()
+
 
 def active_percentile(active_hist: Tensor, q: float) -> float:
     """Nearest-rank q-quantile of the active-expert count: the smallest a such that at least
