@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lit_moe.flops import attention_flops_per_token, flops_per_token  # noqa: E402
 from lit_moe.model import ModelConfig, Transformer  # noqa: E402
 from lit_moe.module import adamw_implementation  # noqa: E402
 
@@ -101,21 +102,6 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def matmul_params(model: Transformer, realised: list[float] | None) -> int:
-    """Active parameters that take part in matmuls: experts at `realised` active counts per
-    MoE layer (else the router's design value); the input embedding is a lookup, counted
-    only as the tied output head."""
-    total = sum(p.numel() for p in model.parameters())
-    active = total
-    for j, (_, layer) in enumerate(model.moe_layers()):
-        experts = sum(p.numel() for p in layer.experts.parameters())
-        k = realised[j] if realised else layer.router.expected_active_experts()
-        active -= experts - experts * k / layer.experts.num_experts
-    if not model.cfg.tie_embeddings:
-        active -= model.cfg.vocab_size * model.cfg.d_model
-    return int(active)
-
-
 def run(name: str, mode: str, shape: Shape, device: torch.device, args: argparse.Namespace) -> dict | None:
     torch.manual_seed(0)
     # --small keeps κ eager: compiling its kernel on a CPU takes longer than the check itself.
@@ -162,20 +148,21 @@ def run(name: str, mode: str, shape: Shape, device: torch.device, args: argparse
             realised.append([float(layer.router.last_active) for _, layer in model.moe_layers()])
     step_s = statistics.median(times)
     tokens = shape.batch * shape.seq_len
+    attention = 12 * shape.n_layers * shape.d_model * shape.seq_len
     if name == "hf_mixtral":
         params = sum(p.numel() for n, p in model.named_parameters() if "experts" not in n)
         experts = sum(p.numel() for n, p in model.named_parameters() if "experts" in n)
         active = params + experts * shape.top_k / shape.num_experts
         per_layer = None
-    else:
+    else:  # lit_moe.flops, with SoftMoE's experts at their realised count
         per_layer = [statistics.mean(col) for col in zip(*realised)] if realised else None
-        active = matmul_params(model, per_layer)
-    flops = (6 * active + 12 * shape.n_layers * shape.d_model * shape.seq_len) * tokens
+        active = (flops_per_token(model, per_layer) - attention_flops_per_token(model)) / 6
+    flops = (6 * active + attention) * tokens
     row = {"model": name, "mode": mode, "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens / step_s),
            "model_tflops": _sig(flops / step_s / 1e12),
            "mfu": _sig(flops / step_s / (args.peak_tflops * 1e12)) if args.peak_tflops else None,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-           "active_params": int(active)}
+           "active_params": round(active)}
     if per_layer is not None:
         row["realised_active_experts"] = [round(k, 3) for k in per_layer]
         row["realised_active_mean"] = round(statistics.mean(per_layer), 3)

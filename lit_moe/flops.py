@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from lit_moe.model import Transformer
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, per GPU. Lightning's
@@ -49,10 +47,7 @@ def expert_matmul_params(model: Transformer) -> list[int]:
 
 def design_active_experts(model: Transformer) -> list[float]:
     """Experts per token by design: the budget's k_l (SoftMoE with a budget) or the router's k."""
-    if model.budget is not None:
-        with torch.no_grad():
-            return [float(k) for k in model.budget.k().tolist()]
-    return [layer.router.expected_active_experts() for _, layer in model.moe_layers()]
+    return model.target_active_experts().tolist()
 
 
 def realised_active_experts(model: Transformer, split: str = "train") -> list[float | None]:
@@ -81,4 +76,10 @@ def flops_per_token(model: Transformer, active_experts: Sequence[float | None] |
     shared = total - sum(expert_params) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
     experts = sum((a if a is not None else d) * p / cfg.num_experts
                   for a, d, p in zip(active_experts, design, expert_params))
-    return 6.0 * (shared + experts) + 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len
+    return 6.0 * (shared + experts) + attention_flops_per_token(model)
+
+
+def attention_flops_per_token(model: Transformer) -> float:
+    """Attention's scores and weighted sum per token, over the full window: 12 · L · d · S."""
+    cfg = model.cfg
+    return 12.0 * cfg.n_layers * cfg.d_model * cfg.seq_len
