@@ -211,7 +211,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         # every step (a host read would stall the GPU's launch queue).
         if (self.available_flops and trainer.state.stage == RunningStage.TRAINING
                 and isinstance(model, Transformer) and isinstance(batch, torch.Tensor)
-                and iter_num % self.kwargs.get("window_size", 20) == 1):
+                and (iter_num - 1) % self.kwargs.get("window_size", 20) == 0):
             from lit_moe.flops import flops_per_token, realised_active_experts
 
             tokens = batch.shape[0] * (batch.shape[1] - 1)

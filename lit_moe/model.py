@@ -512,10 +512,8 @@ class Transformer(nn.Module):
         """Total parameters and the parameters one token activates (embedding counted once)."""
         total = sum(p.numel() for p in self.parameters())
         active = total
-        budget_k = self.budget.k().tolist() if self.budget is not None else None
-        for j, (_, layer) in enumerate(self.moe_layers()):
+        for k, (_, layer) in zip(self.target_active_experts().tolist(), self.moe_layers()):
             expert_params = sum(p.numel() for p in layer.experts.parameters())
-            k = budget_k[j] if budget_k is not None else layer.router.expected_active_experts()
             share = k / layer.experts.num_experts
             active -= expert_params - int(expert_params * share)
         return {"total": total, "active": active}
