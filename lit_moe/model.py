@@ -405,11 +405,8 @@ class Transformer(nn.Module):
             # again in every layer.
             attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
                 attn_mask.logical_not(), float("-inf")).unsqueeze(1)
-        # One budget evaluation per forward; MoE block j gets k_j (gradient reaches η).
-        layer_k = iter(self.budget.k()) if self.budget is not None else None
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            k = next(layer_k) if layer_k is not None and isinstance(block.mlp, MoELayer) else None
+        for i, (block, k) in enumerate(zip(self.blocks, self._block_k())):
             if select is not None and i == last:
                 query_index, slot = _query_slots(*select, batch=idx.shape[0])
                 x = block.forward_at(x, query_index, k, positions, attn_mask)
@@ -425,6 +422,14 @@ class Transformer(nn.Module):
     # at a time (4096 × 32768 × 4 B = 512 MiB at paper scale).
     loss_chunk: int = 4096
 
+    def _block_k(self) -> list[Tensor | None]:
+        """Each block's expert count from the budget (MoE blocks in depth order get k_j; dense
+        blocks and models without a budget None). One budget evaluation per forward; the
+        gradient reaches η through it."""
+        layer_k = iter(self.budget.k()) if self.budget is not None else None
+        return [next(layer_k) if layer_k is not None and isinstance(block.mlp, MoELayer) else None
+                for block in self.blocks]
+
     def _decode(self, idx: Tensor, cache: KVCache) -> Tensor:
         seq = idx.shape[1]
         if cache.length + seq > cache.max_len:
@@ -432,9 +437,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         positions = cache.positions(seq)
         attn_mask = cache.mask(seq, x.dtype)
-        layer_k = iter(self.budget.k()) if self.budget is not None else None
-        for i, block in enumerate(self.blocks):
-            k = next(layer_k) if layer_k is not None and isinstance(block.mlp, MoELayer) else None
+        for i, (block, k) in enumerate(zip(self.blocks, self._block_k())):
             x = block(x, k, positions, attn_mask, cache=(cache, i))
         cache.length += seq
         return self.lm_head(self.norm(x)).float()
