@@ -188,6 +188,23 @@ def test_fast_dispatch_matches_loop_reference(router, mode, path, monkeypatch):
         torch.testing.assert_close(g0[name], g1[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def top2_by_token(layer, x, act):
+    """Each token's Σ_e w_te · W_down,e(act(W_gate,e x, z_te, e) ⊙ W_up,e x) over its top-2
+    logits z, one token and one expert at a time (the reference the grouped path must equal)."""
+    ex = layer.experts
+    logits = x @ layer.router.gate.weight.T
+    rows = []
+    for t in range(x.shape[0]):
+        vals, idx = logits[t].topk(2)
+        w = torch.softmax(vals, 0)
+        out = 0
+        for j, e in enumerate(idx.tolist()):
+            gate = act(x[t] @ ex.w_gate[e], logits[t, e], e).float()
+            out = out + w[j] * (gate * (x[t] @ ex.w_up[e])) @ ex.w_down[e]
+        rows.append(out)
+    return rows
+
+
 def test_layer_output_equals_token_by_token_formula():
     """y_t = Σ_e w_te · W_down,e(act(W_gate,e x) ⊙ W_up,e x), act = g·σ(κg), κ from the pair's logit."""
     _, layer = twin_layers(TOPK, kappa_spec(), seed=3)
@@ -195,16 +212,9 @@ def test_layer_output_equals_token_by_token_formula():
     ex = layer.experts
     x = torch.randn(10, 16)
     y = layer(x)
-    logits = x @ layer.router.gate.weight.T
+    expected = top2_by_token(layer, x, lambda g, z, e: reference(g, 0.3 * z, ex.kappa.bias[e], ex.kappa.scale[e], 3.0))
     for t in range(10):
-        vals, idx = logits[t].topk(2)
-        w = torch.softmax(vals, 0)
-        expected = 0
-        for j, e in enumerate(idx.tolist()):
-            g = x[t] @ ex.w_gate[e]
-            act = reference(g, 0.3 * logits[t, e], ex.kappa.bias[e], ex.kappa.scale[e], 3.0).float()
-            expected = expected + w[j] * (act * (x[t] @ ex.w_up[e])) @ ex.w_down[e]
-        torch.testing.assert_close(y[t], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[t], expected[t], atol=1e-5, rtol=1e-5)
 
 
 def test_logit_norm_hand_values():
@@ -430,16 +440,10 @@ def test_constant_mode_learns_b_only_with_the_reference_formula():
     ex = layer.experts
     x = torch.randn(12, 16)
     y = layer(x)
-    logits = x @ layer.router.gate.weight.T
+    expected = top2_by_token(layer, x, lambda g, z, e: reference(g, torch.tensor(0.7), torch.zeros(()),
+                                                                 ex.kappa.bias[e], 3.0))
     for t in range(12):
-        vals, idx = logits[t].topk(2)
-        w = torch.softmax(vals, 0)
-        expected = 0
-        for j, e in enumerate(idx.tolist()):
-            g = x[t] @ ex.w_gate[e]
-            act = reference(g, torch.tensor(0.7), torch.zeros(()), ex.kappa.bias[e], 3.0).float()
-            expected = expected + w[j] * (act * (x[t] @ ex.w_up[e])) @ ex.w_down[e]
-        torch.testing.assert_close(y[t], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[t], expected[t], atol=1e-5, rtol=1e-5)
 
 
 def test_start_layer_leaves_earlier_layers_plain():
