@@ -85,7 +85,9 @@ def test_grouped_rows_past_the_last_group_are_zero_even_over_garbage():
     from lit_moe.moe.experts import ExpertGroups, grouped_mm
 
     torch.manual_seed(0)
-    groups = ExpertGroups.from_counts(torch.tensor([3, 0, 2]), rows=8)
+    # Experts 0, 1, 2 own rows 0–2, none, 3–4; rows 5–7 belong to no expert.
+    groups = ExpertGroups(torch.tensor([3, 3, 5], dtype=torch.int32), torch.tensor([0, 0, 0, 2, 2, 2, 2, 2]),
+                          (torch.arange(8) < 5).unsqueeze(1))
     a = torch.randn(8, 16)
     a[5:] = float("nan")
     a.requires_grad_()

@@ -59,16 +59,6 @@ class ExpertGroups:
     expert: Tensor
     valid: Tensor | None = None
 
-    @classmethod
-    def from_counts(cls, counts: Tensor, rows: int | None = None) -> "ExpertGroups":
-        """Groups from per-expert row counts [E] (tests and references; `rows` ≥ Σ counts pads)."""
-        ends = torch.cumsum(counts, 0).to(torch.int32)
-        rows = int(ends[-1]) if rows is None else rows
-        position = torch.arange(rows, device=counts.device)
-        expert = torch.searchsorted(ends, position.to(torch.int32), right=True).clamp_max(len(counts) - 1)
-        valid = None if rows == int(ends[-1]) else (position < ends[-1]).unsqueeze(1)
-        return cls(ends, expert, valid)
-
     def sizes(self) -> list[int]:
         """Rows per expert as host ints (a device sync: the loop fallback only)."""
         return torch.diff(self.ends, prepend=self.ends.new_zeros(1)).tolist()
