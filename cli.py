@@ -253,28 +253,29 @@ class LitMoECLI(LightningCLI):
                                 "MLflow store directory", "set --trainer.logger.init_args.tracking_uri")
 
 
+# Commands beside LightningCLI's fit / validate / test: the module whose `main(argv)` runs each
+# (imported only when asked for).
+SUBCOMMANDS = {
+    "evaluate": "evaluation.cli",    # CORE evaluation of a checkpoint
+    "generate": "lit_moe.generate",  # sample from a checkpoint
+    "export": "lit_moe.export",      # Hugging Face / safetensors export
+    "report": "evaluation.report",   # compare runs from the MLflow store
+}
+
+
+def _fail(message: str, code: int) -> None:
+    """One message and an exit code for a user's mistake; the traceback with LIT_MOE_DEBUG=1."""
+    if os.environ.get("LIT_MOE_DEBUG"):
+        raise
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         argv = sys.argv[1:] if args is None else list(args)
-        if argv[:1] == ["evaluate"]:  # CORE evaluation of a checkpoint: evaluation/cli.py
-            from evaluation.cli import main as evaluate
-
-            evaluate(argv[1:])
-            return
-        if argv[:1] == ["generate"]:  # sample from a checkpoint: lit_moe/generate.py
-            from lit_moe.generate import main as generate
-
-            generate(argv[1:])
-            return
-        if argv[:1] == ["export"]:  # Hugging Face / safetensors export: lit_moe/export.py
-            from lit_moe.export import main as export
-
-            export(argv[1:])
-            return
-        if argv[:1] == ["report"]:  # compare runs from the MLflow store: evaluation/report.py
-            from evaluation.report import main as report
-
-            report(argv[1:])
+        if argv[:1] and argv[0] in SUBCOMMANDS:
+            importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
             return
         LitMoECLI(
             LitMoE,
@@ -289,20 +290,11 @@ def main(args: list[str] | None = None) -> None:
         print("interrupted: stopped at a step boundary; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(143)
     except NonFiniteLossError as err:
-        if os.environ.get("LIT_MOE_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(err), 1)
     except ArgumentError as err:  # a parse error outside `parse_arguments`
-        if os.environ.get("LIT_MOE_DEBUG"):
-            raise
-        print(f"error: {parse_error_message(str(err))}", file=sys.stderr)
-        sys.exit(2)
+        _fail(parse_error_message(str(err)), 2)
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as err:
-        if os.environ.get("LIT_MOE_DEBUG"):
-            raise
-        print(f"error: {err}\n(set LIT_MOE_DEBUG=1 to see the traceback)", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"{err}\n(set LIT_MOE_DEBUG=1 to see the traceback)", 2)
 
 
 if __name__ == "__main__":
