@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lit_moe.errors import ConfigError
 from lit_moe.model import Transformer
-from lit_moe.moe.router import Router
+from lit_moe.moe.router import routing_statistics_off
 from lit_moe.tokenizer import eot_id
 
 DEFAULT_BATCH_SIZE = 16
@@ -241,16 +241,8 @@ class LitMoELM(TemplateLM):
     def _scoring(self) -> Iterator[None]:
         """No gradients, and routers keep no statistics (scoring is not validation: it must not
         count in the eval routing window, and the counters and aux losses cost time)."""
-        routers = [m for m in self.model.modules() if isinstance(m, Router)]
-        recording = [router.record_metrics for router in routers]
-        for router in routers:
-            router.record_metrics = False
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for router, record in zip(routers, recording):
-                router.record_metrics = record
+        with torch.no_grad(), routing_statistics_off(self.model):
+            yield
 
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lit_moe.errors import ConfigError
 from lit_moe.model import KVCache, Transformer
-from lit_moe.moe.router import Router
+from lit_moe.moe.router import routing_statistics_off
 
 
 @dataclass
@@ -101,33 +101,29 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     was_training = model.training
     model.eval()
     # Generation is not validation: routers keep no statistics (nor spend time on them).
-    routers = [m for m in model.modules() if isinstance(m, Router)]
-    recording = [router.record_metrics for router in routers]
-    for router in routers:
-        router.record_metrics = False
-    try:
-        logits = model(idx, cache=cache)[:, -1]
-        done = [False] * len(prompts)
-        generated: list[list[int]] = [[] for _ in prompts]
-        for step in range(max_new_tokens):
-            tokens = next_token(logits[:, :vocab_size] if vocab_size else logits, sampling, generator)
-            for row, token in enumerate(tokens.tolist()):
-                if done[row]:
-                    continue
-                if token == stop_token:
-                    done[row] = True
-                    continue
-                generated[row].append(token)
-                yield row, token
-                if len(generated[row]) >= max_new_tokens or (should_stop is not None and should_stop(row, generated[row])):
-                    done[row] = True
-            if all(done) or step == max_new_tokens - 1:
-                break
-            logits = model(tokens[:, None], cache=cache)[:, -1]
-    finally:
-        model.train(was_training)
-        for router, record in zip(routers, recording):
-            router.record_metrics = record
+    with routing_statistics_off(model):
+        try:
+            logits = model(idx, cache=cache)[:, -1]
+            done = [False] * len(prompts)
+            generated: list[list[int]] = [[] for _ in prompts]
+            for step in range(max_new_tokens):
+                tokens = next_token(logits[:, :vocab_size] if vocab_size else logits, sampling, generator)
+                for row, token in enumerate(tokens.tolist()):
+                    if done[row]:
+                        continue
+                    if token == stop_token:
+                        done[row] = True
+                        continue
+                    generated[row].append(token)
+                    yield row, token
+                    if len(generated[row]) >= max_new_tokens or (
+                            should_stop is not None and should_stop(row, generated[row])):
+                        done[row] = True
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                logits = model(tokens[:, None], cache=cache)[:, -1]
+        finally:
+            model.train(was_training)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

@@ -9,7 +9,9 @@ counters on its device (`metrics()` / `reset_metrics()`, see `routing_metrics`).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,22 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
             second = torch.where(second == index, (index + 1) % logits.shape[-1], second)
             index = torch.cat([index, second], dim=-1)
     return logits.gather(-1, index), index
+
+
+@contextlib.contextmanager
+def routing_statistics_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block no router of `model` records statistics or computes aux losses without
+    gradients (scoring and generation are not validation: they must not count in the eval
+    window, and the counters cost time); each router's setting is restored after."""
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    recording = [router.record_metrics for router in routers]
+    for router in routers:
+        router.record_metrics = False
+    try:
+        yield
+    finally:
+        for router, record in zip(routers, recording):
+            router.record_metrics = record
 
 
 class Router(nn.Module):
