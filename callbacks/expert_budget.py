@@ -29,6 +29,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from lit_moe.dtensor import full_tensor
 from lit_moe.errors import ConfigError
 
 Mode = Literal["off", "monitor", "enforce"]
@@ -77,6 +78,9 @@ class ExpertBudgetCallback(L.Callback):
         if self.mode != "off" and not self._routers(pl_module):
             raise ConfigError("ExpertBudgetCallback needs SoftTopKRouter layers; this model has none "
                               "(remove the callback or set its mode to off).")
+        if self.alpha_start is not None and any(getattr(r, "learn_alpha", False) for _, r in self._routers(pl_module)):
+            raise ConfigError("ExpertBudgetCallback: alpha_start/alpha_end schedule α, but the routers learn it "
+                              "(learn_alpha: true); drop the schedule or set learn_alpha: false.")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.mode == "off":
@@ -120,6 +124,8 @@ class ExpertBudgetCallback(L.Callback):
             pl_module.log(f"budget/active/layer_{i:02d}", a_l)
             if self.mode == "enforce":
                 pl_module.log(f"budget/theta/layer_{i:02d}", router.theta)
+            if getattr(router, "learn_alpha", False):  # a device tensor: no host read here
+                pl_module.log(f"budget/alpha/layer_{i:02d}", full_tensor(router.log_alpha).detach().exp()[0])
         pl_module.log("budget/active_total", active.sum())
         if self.mode == "enforce" and self._active_steps >= self.control_every:
             self._control(routers, layer_k, self._active_sum / self._active_steps)

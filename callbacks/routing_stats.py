@@ -16,6 +16,10 @@ this callback only reads and resets those counters. Every `window` optimizer ste
   and `routing/{active_mean, active_total}`, and with a capacity factor `dropped`. A dropless
   top-k router gives every token exactly k experts and drops nothing: those would be flat lines
   (k is the param `config/router/init_args/top_k`).
+  Where the count varies it also logs what a token cost: `compute/layer_XX/{active_experts,
+  target_experts}` (realised vs design experts per token) and `compute/{active_params,
+  flops_per_token}` from the realised counts (the design's: params `params/active`,
+  `params/flops_per_token`).
 Validation forwards fill separate counters (reset at validation start, reduced and logged at
 validation end) under `routing/val/...`; they never change the training window. Everything is
 logged at the step Lightning's own logging uses at that moment (`mlflow_utils.logging_step`),
@@ -72,6 +76,25 @@ def active_count_varies(router: Any) -> bool:
 
 def drops_tokens(router: Any) -> bool:
     return getattr(router, "capacity_factor", None) is not None
+
+
+def compute_metrics(model: Any, layers: list[str], realised: list[float | None], targets: list[float]
+                    ) -> dict[str, float]:
+    """What a token costs over the window, from the experts it really used (SoftMoE's truncation
+    keeps a varying number): per layer the realised experts per token beside the design's (the
+    budget's k_l or the router's k), and in total the active parameters and training FLOPs per
+    token from the realised counts (the design's are the params `params/active` and
+    `params/flops_per_token`)."""
+    from lit_moe.flops import flops_per_token
+
+    metrics: dict[str, float] = {}
+    for layer, active, target in zip(layers, realised, targets):
+        if active is not None:
+            metrics[f"compute/{layer}/active_experts"] = active
+        metrics[f"compute/{layer}/target_experts"] = target
+    metrics["compute/active_params"] = float(model.num_params(realised)["active"])
+    metrics["compute/flops_per_token"] = flops_per_token(model, realised)
+    return metrics
 
 
 def reduce_across_ranks(values: Tensor, is_max: Tensor) -> Tensor:
@@ -226,14 +249,16 @@ class RoutingStatsCallback(L.Callback):
                    for name, value in layer_stats.items() if name not in skip}
         metrics.update({f"{prefix}/{name}": value for name, value in model_summary(counters, stats).items()
                         if name not in model_skip})
+        targets = pl_module.model.target_active_experts().tolist()
         if split == "train":
             self.tokens_seen += int(counters[0]["active_hist"].sum())
             metrics["routing/tokens_seen"] = float(self.tokens_seen)
+            if any(active_count_varies(router) for _, router in routers):
+                metrics.update(compute_metrics(pl_module.model, layers, [s.get("active_mean") for s in stats], targets))
         metrics = {name: value for name, value in metrics.items() if math.isfinite(value)}
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=label)
-        targets = pl_module.model.target_active_experts().tolist()
         return Window(split, first_step, label, layers, counters, stats, targets)
 
     # -- artifacts -------------------------------------------------------------------------------

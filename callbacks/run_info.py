@@ -78,8 +78,13 @@ def run_params(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, An
         params.update({f"data/{k}": v for k, v in dict(datamodule.hparams).items()
                        if not k.startswith("_") and k not in _DATA_DUPLICATES})
     params.update(trainer_params(trainer))
+    from lit_moe.flops import flops_per_token
+
     counts = pl_module.model.num_params()
-    params.update({"params/total": counts["total"], "params/active": counts["active"]})
+    design = pl_module.model.target_active_experts().tolist()
+    params.update({"params/total": counts["total"], "params/active": counts["active"],
+                   "params/flops_per_token": flops_per_token(pl_module.model),
+                   "params/moe_layers": len(design), "params/active_experts": sum(design)})
     if os.environ.get("PL_GLOBAL_SEED") is not None:  # set by seed_everything
         params["seed_everything"] = int(os.environ["PL_GLOBAL_SEED"])
     return {key: value for key, value in params.items() if value is not None}

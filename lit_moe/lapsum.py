@@ -212,11 +212,12 @@ def _cheap_checks_allowed() -> bool:
 
 
 def _prepare(scores: Tensor, k: float | Tensor, alpha: float | Tensor, cap: float | None,
-             k_max: float | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+             k_max: float | None = None, alpha_positive: bool = False) -> tuple[Tensor, Tensor, Tensor, int]:
     """Validate; return (rows r [N, E], k per row [N], 0-d α, top scores needed m).
 
     k_max: a host-known upper bound of a tensor k (e.g. a budget's largest k_l): m then comes
-    from it and k's value is never read (no host sync)."""
+    from it and k's value is never read (no host sync). alpha_positive: the caller guarantees
+    a tensor α > 0 (e.g. the exp of a learnt log α), so its value is never read either."""
     if scores.dim() < 1 or scores.shape[-1] < 1:
         raise ValueError(
             f"soft_topk: scores need a non-empty last dim, got shape {tuple(scores.shape)}"
@@ -249,7 +250,7 @@ def _prepare(scores: Tensor, k: float | Tensor, alpha: float | Tensor, cap: floa
     if isinstance(alpha, Tensor):
         if alpha.numel() != 1:
             raise ValueError(f"soft_topk: alpha must be a scalar, got shape {tuple(alpha.shape)}")
-        if check and not alpha.item() > 0:
+        if check and not alpha_positive and not alpha.item() > 0:
             raise ValueError(f"soft_topk: alpha must be > 0, got {alpha.item()}")
         alpha_t = alpha.to(device=scores.device, dtype=dtype).reshape(())
     else:
@@ -281,12 +282,13 @@ def soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0, k_
 
 
 def sparse_soft_topk(scores: Tensor, k: float | Tensor, alpha: float | Tensor = 1.0, theta: float = 1.8,
-                     cap: float = 2.0, k_max: float | None = None) -> Tensor:
+                     cap: float = 2.0, k_max: float | None = None, alpha_positive: bool = False) -> Tensor:
     """``truncate(soft_topk(scores, k, alpha), k, theta, cap)`` in one pass: the truncation
     reuses the soft top-k's ranking of the scores (p is increasing in the score), so it
-    needs no sort of its own. Same arguments, checks and gradients as the two calls."""
+    needs no sort of its own. Same arguments, checks and gradients as the two calls
+    (alpha_positive: as `_prepare`'s, skips the host read of a tensor α known to be > 0)."""
     _check_truncation(k, theta, cap)
-    r, k_rows, alpha_t, m = _prepare(scores, k, alpha, cap, k_max)
+    r, k_rows, alpha_t, m = _prepare(scores, k, alpha, cap, k_max, alpha_positive)
     p, order = _SoftTopK.apply(r, k_rows, alpha_t, m)
     # k in fp64 as given (not the fp32 copy), so ⌈k·cap⌉ is the same as `truncate`'s.
     k64 = torch.broadcast_to(torch.as_tensor(k, device=r.device).detach().to(torch.float64), scores.shape[:-1])

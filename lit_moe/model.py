@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -511,12 +511,21 @@ class Transformer(nn.Module):
         aux = torch.stack(losses).mean() if losses else 0.0
         return aux + sum(self.regularization_losses().values())
 
-    def num_params(self) -> dict[str, int]:
-        """Total parameters and the parameters one token activates (embedding counted once)."""
+    def num_params(self, active_experts: Sequence[float | None] | None = None) -> dict[str, int]:
+        """Total parameters and the parameters one token activates (embedding counted once).
+
+        active_experts: experts per token of each MoE layer, e.g. the realised counts of
+        `lit_moe.flops.realised_active_experts` (SoftMoE's truncation keeps a varying number);
+        None, or a None entry: the design value (the budget's k_l or the router's k)."""
+        design = self.target_active_experts().tolist()
+        if active_experts is None:
+            active_experts = design
+        if len(active_experts) != len(design):
+            raise ValueError(f"active_experts has {len(active_experts)} entries for {len(design)} MoE layers.")
         total = sum(p.numel() for p in self.parameters())
         active = total
-        for k, (_, layer) in zip(self.target_active_experts().tolist(), self.moe_layers()):
+        for k, k_design, (_, layer) in zip(active_experts, design, self.moe_layers()):
             expert_params = sum(p.numel() for p in layer.experts.parameters())
-            share = k / layer.experts.num_experts
+            share = (k_design if k is None else k) / layer.experts.num_experts
             active -= expert_params - int(expert_params * share)
         return {"total": total, "active": active}

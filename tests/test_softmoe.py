@@ -203,3 +203,59 @@ def test_controller_state_survives_checkpoint_and_resume(tmp_path):
     trainer.fit(resumed, train_dataloaders=_loader(), ckpt_path=str(path))
     assert seen["theta"] == thetas
     assert seen["pending"] == 2
+
+
+def test_learnt_alpha_matches_fixed_alpha_and_its_gradient_matches_finite_differences():
+    torch.manual_seed(3)
+    fixed = SoftTopKRouter(8, 8, k=1.5, alpha=0.4, theta=0.5)
+    learnt = SoftTopKRouter(8, 8, k=1.5, alpha=0.4, theta=0.5, learn_alpha=True)
+    logits = torch.randn(32, 8, dtype=torch.float64) * 2
+    weights_fixed, assigned_fixed = fixed.route(logits)
+    weights, assigned = learnt.route(logits)
+    torch.testing.assert_close(weights, weights_fixed)
+    assert torch.equal(assigned, assigned_fixed) and learnt.alpha == pytest.approx(0.4)
+    # A loss on the kept weights; the truncation mask does not move for a small step in log α,
+    # so central differences of the same function are an independent check of ∂L/∂log α.
+    probe = torch.randn(32, 8, dtype=torch.float64)
+    (weights * probe).sum().backward()
+    analytic = learnt.log_alpha.grad.item()
+
+    def loss_at(log_alpha):
+        router = SoftTopKRouter(8, 8, k=1.5, alpha=math.exp(log_alpha), theta=0.5)
+        w, a = router.route(logits)
+        assert torch.equal(a, assigned)
+        return (w * probe).sum().item()
+
+    eps, base = 1e-5, math.log(0.4)
+    numeric = (loss_at(base + eps) - loss_at(base - eps)) / (2 * eps)
+    assert analytic == pytest.approx(numeric, rel=1e-4, abs=1e-8)
+
+
+def test_learnt_alpha_is_a_parameter_that_resumes_and_refuses_a_schedule():
+    model = Transformer(soft_config(router={"class_path": "lit_moe.moe.SoftTopKRouter",
+                                            "init_args": {"alpha": 0.5, "learn_alpha": True}}))
+    routers = [router for _, router in model.routers()]
+    assert all(any(p is r.log_alpha for p in model.parameters()) for r in routers)
+    with torch.no_grad():
+        routers[2].log_alpha.fill_(math.log(0.25))
+    restored = Transformer(soft_config(router={"class_path": "lit_moe.moe.SoftTopKRouter",
+                                               "init_args": {"alpha": 0.5, "learn_alpha": True}}))
+    restored.load_state_dict(model.state_dict())
+    assert [r.alpha for _, r in restored.routers()] == pytest.approx([0.5, 0.5, 0.25, 0.5])
+    with pytest.raises(ConfigError, match="learn_alpha"):
+        routers[0].alpha = 0.3
+    module = SimpleNamespace(model=model)
+    with pytest.raises(ConfigError, match="learn_alpha"):
+        ExpertBudgetCallback(alpha_start=1.0, alpha_end=0.5).on_fit_start(None, module)
+
+
+def test_active_params_follow_the_realised_expert_counts():
+    model = Transformer(soft_config(budget={"total": 6.0, "learnable": False}))
+    expert = 3 * 32 * 16  # gate, up, down of one expert (d=32, h=16)
+    total = model.num_params()["total"]
+    # Realised 1, 2, design (None → 1.5), 3.25 experts per token in the four layers.
+    counts = model.num_params([1.0, 2.0, None, 3.25])
+    assert counts["total"] == total
+    assert counts["active"] == total - sum(int((8 - a) * expert) for a in (1.0, 2.0, 1.5, 3.25))
+    with pytest.raises(ValueError, match="4 MoE layers"):
+        model.num_params([1.0])

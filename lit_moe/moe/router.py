@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_moe.dtensor import full_tensor
 from lit_moe.errors import ConfigError
 from lit_moe.lapsum import sparse_soft_topk
 from lit_moe.moe.routing_metrics import SPLITS, RoutingCounters
@@ -272,7 +273,9 @@ class SoftTopKRouter(Router):
     (learned or fixed per-layer counts), else from `k` here.
 
     `alpha` and `theta` are plain floats (a schedule or the budget controller may change them
-    during training) saved in the state dict through `get_extra_state`, so they resume.
+    during training) saved in the state dict through `get_extra_state`, so they resume. With
+    `learn_alpha` α is a parameter instead, α = exp(log_alpha) (positive for any value), trained
+    through LapSum's ∂L/∂α (METHODS §2.1); it starts at `alpha` and is read as `router.alpha`.
     Non-finite logits are flagged on the device like every router's (`nonfinite_logits`) and
     reported by LitMoE's `nan_policy`.
 
@@ -283,12 +286,13 @@ class SoftTopKRouter(Router):
         cap: at most ⌈k·cap⌉ experts per token (≥ 1).
         lb_weight: weight of the load-balancing loss (≥ 0).
         z_weight: weight of the router z-loss (≥ 0).
+        learn_alpha: learn α (per layer, from `alpha`) instead of holding it fixed.
     """
 
     uses_budget_k = True
 
     def __init__(self, d_model: int, num_experts: int, k: float = 2.0, alpha: float = 1.0, theta: float = 1.8,
-                 cap: float = 2.0, lb_weight: float = 1e-2, z_weight: float = 0.0):
+                 cap: float = 2.0, lb_weight: float = 1e-2, z_weight: float = 0.0, learn_alpha: bool = False):
         super().__init__(d_model, num_experts, lb_weight=lb_weight, z_weight=z_weight)
         if not 0 < k < num_experts:
             raise ConfigError(f"SoftTopKRouter: k={k} must lie in (0, num_experts={num_experts}).")
@@ -299,7 +303,12 @@ class SoftTopKRouter(Router):
         if not cap >= 1:
             raise ConfigError(f"SoftTopKRouter: cap={cap} must be ≥ 1 (at most ⌈k·cap⌉ experts per token).")
         self.k = float(k)
-        self.alpha = float(alpha)
+        self.learn_alpha = bool(learn_alpha)
+        if self.learn_alpha:
+            # Log-parametrised: any value is a valid α > 0, and steps are relative (a scale).
+            self.log_alpha = nn.Parameter(torch.full((1,), math.log(alpha)))  # 1-D: FSDP2 shards dim 0
+        else:
+            self._alpha = float(alpha)
         self.theta = float(theta)
         self.cap = float(cap)
         # Realised mean number of active experts per token in the last forward (device tensor).
@@ -307,6 +316,18 @@ class SoftTopKRouter(Router):
 
     def expected_active_experts(self) -> float:
         return self.k
+
+    @property
+    def alpha(self) -> float:
+        """The Laplace scale α as a float (a host read of the parameter when learnt)."""
+        return float(full_tensor(self.log_alpha).detach().exp()) if self.learn_alpha else self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if self.learn_alpha:
+            raise ConfigError("SoftTopKRouter: α is learnt (learn_alpha: true); an α schedule cannot set it. "
+                              "Drop alpha_start/alpha_end or set learn_alpha: false.")
+        self._alpha = float(value)
 
     # The largest k this layer can be given: its own k, or the budget's bound (K − L + 1 for a
     # learnable split, K/L fixed), set by the Transformer. Sizes the soft top-k's partial sort
@@ -321,7 +342,9 @@ class SoftTopKRouter(Router):
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         k_layer = self.k if k is None else k
         k_max = None if k is None else self.k_max
-        weights = sparse_soft_topk(logits, k_layer, self.alpha, self.theta, self.cap, k_max=k_max)
+        alpha = self.log_alpha.exp() if self.learn_alpha else self._alpha
+        weights = sparse_soft_topk(logits, k_layer, alpha, self.theta, self.cap, k_max=k_max,
+                                   alpha_positive=self.learn_alpha)
         assigned = weights != 0
         self.last_active = assigned.sum(dim=-1, dtype=torch.float32).mean().detach()
         return weights, assigned
@@ -334,8 +357,10 @@ class SoftTopKRouter(Router):
         return module
 
     def get_extra_state(self) -> dict[str, float]:
-        return {"alpha": self.alpha, "theta": self.theta}
+        # A learnt α is in the state dict as `log_alpha`.
+        return {"theta": self.theta} if self.learn_alpha else {"alpha": self._alpha, "theta": self.theta}
 
     def set_extra_state(self, state: dict[str, float]) -> None:
-        self.alpha = float(state["alpha"])
+        if not self.learn_alpha and "alpha" in state:
+            self._alpha = float(state["alpha"])
         self.theta = float(state["theta"])
