@@ -213,3 +213,20 @@ def test_moe_layer_equals_manual_weighted_sum_of_experts():
         expected = sum(w[j] * (torch.nn.functional.silu(xt @ ex.w_gate[e]) * (xt @ ex.w_up[e])) @ ex.w_down[e]
                        for j, e in enumerate(idx.tolist()))
         torch.testing.assert_close(y.reshape(-1, 8)[t], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_switch_weights_train_a_top1_router_through_the_lm_loss():
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    for normalize in (True, False):
+        router = TopKRouter(8, 4, top_k=1, lb_weight=0.0, z_weight=0.0, normalize=normalize)
+        logits, weights = router.logits_and_weights(x)
+        chosen = logits.argmax(-1)
+        expected = (torch.ones(32) if normalize else torch.softmax(logits, -1)[torch.arange(32), chosen])
+        torch.testing.assert_close(weights[torch.arange(32), chosen], expected)
+        assert (weights != 0).sum(-1).tolist() == [1] * 32
+        # A loss of the weighted outputs: the renormalised single winner weighs 1 whatever the
+        # logits, so no gradient reaches the gate; the Switch weight carries one.
+        (weights * torch.randn(32, 4)).sum().backward()
+        grad = router.gate.weight.grad
+        assert (grad is None or grad.abs().max() == 0) if normalize else grad.abs().max() > 0

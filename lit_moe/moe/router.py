@@ -224,10 +224,14 @@ class TopKRouter(Router):
             T·k/E of the assignments; null: dropless.
         lb_weight: weight of the load-balancing loss (≥ 0).
         z_weight: weight of the router z-loss (≥ 0).
+        normalize: weights = softmax over the k winners' logits (Mixtral). False: each winner
+            weighs its probability under the softmax over all E logits (Switch Transformer).
+            Use False for k = 1: a renormalised single winner always weighs exactly 1, so the
+            language-model loss never reaches the router (only the aux losses train it).
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, capacity_factor: float | None = None,
-                 lb_weight: float = 1e-2, z_weight: float = 1e-3):
+                 lb_weight: float = 1e-2, z_weight: float = 1e-3, normalize: bool = True):
         super().__init__(d_model, num_experts, lb_weight=lb_weight, z_weight=z_weight)
         if not 1 <= top_k <= num_experts:
             raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts}); "
@@ -236,6 +240,7 @@ class TopKRouter(Router):
             raise ConfigError(f"capacity_factor must be > 0 or null (dropless), got {capacity_factor}.")
         self.top_k = top_k
         self.capacity_factor = capacity_factor
+        self.normalize = bool(normalize)
         self.register_buffer("dropped", torch.zeros((), dtype=torch.long), persistent=False)
 
     def expected_active_experts(self) -> float:
@@ -251,7 +256,11 @@ class TopKRouter(Router):
 
     def route(self, logits: Tensor, k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         top_vals, top_idx = top_k(logits, self.top_k)
-        weights = torch.zeros_like(logits).scatter_(-1, top_idx, torch.softmax(top_vals, dim=-1))
+        if self.normalize:
+            top_weights = torch.softmax(top_vals, dim=-1)
+        else:  # the winners' probabilities under the full softmax: exp(z_i − logsumexp z)
+            top_weights = torch.exp(top_vals - torch.logsumexp(logits, dim=-1, keepdim=True))
+        weights = torch.zeros_like(logits).scatter_(-1, top_idx, top_weights)
         assigned = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top_idx, True)
         if self.capacity_factor is not None:
             tokens = logits.shape[0]
