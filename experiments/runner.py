@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -186,7 +187,9 @@ def prepare_data(arm_set: ArmSet, cache_dir: Path) -> None:
 def run_one(arm: Arm, seed: int, arm_set: ArmSet, workdir: Path, threads: int) -> int:
     arm_dir = workdir / arm.name
     seed_dir = arm_dir / f"seed_{seed}"
-    seed_dir.mkdir(parents=True, exist_ok=True)
+    if seed_dir.exists():  # leftovers of an unfinished or outdated run must not mix with this one
+        shutil.rmtree(seed_dir)
+    seed_dir.mkdir(parents=True)
     tags = {"arm": arm.name, "seed": str(seed), "arm_hash": config_hash(arm.config), "arm_set": arm_set.name}
     cmd = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(arm_dir / "config.yaml"),
            "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
