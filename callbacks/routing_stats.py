@@ -54,6 +54,7 @@ from torch import Tensor
 
 from callbacks.mlflow_utils import log_file_artifact, logging_step, mlflow_loggers
 from lit_moe.errors import ConfigError
+from lit_moe.flops import flops_per_token
 from lit_moe.moe.router import Router
 from lit_moe.moe.routing_metrics import (COUNTER_NAMES, flatten_counters, model_summary, summarize,
                                          unflatten_counters)
@@ -85,8 +86,6 @@ def compute_metrics(model: Any, layers: list[str], realised: list[float | None],
     budget's k_l or the router's k), and in total the active parameters and training FLOPs per
     token from the realised counts (the design's are the params `params/active` and
     `params/flops_per_token`)."""
-    from lit_moe.flops import flops_per_token
-
     metrics: dict[str, float] = {}
     for layer, active, target in zip(layers, realised, targets):
         if active is not None:

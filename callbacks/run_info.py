@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dt
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from callbacks.mlflow_utils import logging_step, mlflow_loggers, set_tags
+from lit_moe.flops import flops_per_token, peak_bf16_flops, realised_active_experts
 from lit_moe.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +79,6 @@ def run_params(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, An
         params.update({f"data/{k}": v for k, v in dict(datamodule.hparams).items()
                        if not k.startswith("_") and k not in _DATA_DUPLICATES})
     params.update(trainer_params(trainer))
-    from lit_moe.flops import flops_per_token
-
     counts = pl_module.model.num_params()
     design = pl_module.model.target_active_experts().tolist()
     params.update({"params/total": counts["total"], "params/active": counts["active"],
@@ -198,8 +197,6 @@ class TokenThroughputMonitor(ThroughputMonitor):
             available_flops=self.available_flops, world_size=trainer.world_size, **self.kwargs)
 
     def _peak(self, device: torch.device, dtype: torch.dtype) -> float | None:
-        from lit_moe.flops import peak_bf16_flops
-
         if self.peak_flops is not None:
             return float(self.peak_flops)
         if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
@@ -217,8 +214,6 @@ class TokenThroughputMonitor(ThroughputMonitor):
         if (self.available_flops and trainer.state.stage == RunningStage.TRAINING
                 and isinstance(model, Transformer) and isinstance(batch, torch.Tensor)
                 and (iter_num - 1) % self.kwargs.get("window_size", 20) == 0):
-            from lit_moe.flops import flops_per_token, realised_active_experts
-
             tokens = batch.shape[0] * (batch.shape[1] - 1)
             pl_module.flops_per_batch = flops_per_token(model, realised_active_experts(model)) * tokens
         super()._update(trainer, pl_module, batch, iter_num)
