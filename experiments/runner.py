@@ -329,10 +329,10 @@ def collect(workdir: Path, arm_set: ArmSet) -> list[RunResult]:
 
 
 # -- report --------------------------------------------------------------------------------------
-def _fmt(mean: float, sd: float, digits: int = 4) -> str:
+def _fmt(mean: float, sd: float, digits: int = 4, signed: bool = False) -> str:
     if math.isnan(mean):
         return "—"
-    return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
+    return f"{mean:{'+' if signed else ''}.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
 
 
 def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
@@ -369,7 +369,7 @@ def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
                 continue
             better = sum((d < 0) if better_low else (d > 0) for d in diffs)
             lines.append(f"| {arm} | {'val loss' if better_low else 'CORE'} | "
-                         f"{', '.join(f'{d:+.4f} (s{s})' for s, d in pairs)} | {_fmt(*mean_sd(diffs))} | "
+                         f"{', '.join(f'{d:+.4f} (s{s})' for s, d in pairs)} | {_fmt(*mean_sd(diffs), signed=True)} | "
                          f"{better}/{len(diffs)} | {sign_test(diffs):.3f} | {wilcoxon_signed_rank(diffs):.3f} |")
     n = max((len(runs) for runs in by_arm.values()), default=0)
     lines += ["", f"With n = {n} seeds the smallest two-sided p either test can give is {2 / 2 ** n:.3f}."
