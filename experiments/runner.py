@@ -288,6 +288,7 @@ class RunResult:
     target: list[float]           # the design's per layer (budget k_l or router k)
     val_curve: list[tuple[float, float]]   # (tokens, val loss)
     active_curves: dict[str, list[tuple[float, float]]]  # layer → (tokens, realised experts)
+    target_curves: dict[str, list[tuple[float, float]]]  # layer → (tokens, design k_l)
     checkpoint_dir: Path
 
 
@@ -310,6 +311,8 @@ def collect(workdir: Path, arm_set: ArmSet) -> list[RunResult]:
         layers = sorted({k.split("/")[1] for k in metrics if k.startswith("compute/layer_")})
         active_curves = {layer: [(step * tokens_per_step, v) for step, v in
                                  _history(client, rid, f"compute/{layer}/active_experts")] for layer in layers}
+        target_curves = {layer: [(step * tokens_per_step, v) for step, v in
+                                 _history(client, rid, f"compute/{layer}/target_experts")] for layer in layers}
         if layers:
             active = [_tail_mean(active_curves[layer]) for layer in layers]
             target = [metrics.get(f"compute/{layer}/target_experts", math.nan) for layer in layers]
@@ -324,7 +327,7 @@ def collect(workdir: Path, arm_set: ArmSet) -> list[RunResult]:
             tokens_per_sec=statistics.median(v for _, v in _history(client, rid, "throughput/tokens_per_sec") or [(0, math.nan)]),
             flops_per_token=flops, active=active, target=target,
             val_curve=[((step + 1) * tokens_per_step, v) for step, v in _history(client, rid, "val/loss")],
-            active_curves=active_curves, checkpoint_dir=workdir / arm / f"seed_{seed}"))
+            active_curves=active_curves, target_curves=target_curves, checkpoint_dir=workdir / arm / f"seed_{seed}"))
     return results
 
 
@@ -453,14 +456,19 @@ def report_figures(arm_set: ArmSet, results: list[RunResult], out: Path) -> tupl
         fig, axes = plt.subplots(1, len(varying), figsize=(4.2 * len(varying), 3.6), squeeze=False, sharey=True)
         for ax, arm in zip(axes[0], varying):
             runs = [r for r in results if r.arm == arm]
-            for li, layer in enumerate(sorted(runs[0].active_curves)):
-                curves = [r.active_curves[layer] for r in runs]
-                length = min(len(c) for c in curves)
-                x = [p[0] for p in curves[0][:length]]
-                line, = ax.plot(x, np.mean([[p[1] for p in c[:length]] for c in curves], axis=0), label=layer)
-                ax.axhline(statistics.fmean(r.target[li] for r in runs), color=line.get_color(), ls=":", lw=0.8)
+            for layer in sorted(runs[0].active_curves):
+                color = None
+                for curves, style in (([r.active_curves[layer] for r in runs], "-"),
+                                      ([r.target_curves[layer] for r in runs], ":")):
+                    length = min(len(c) for c in curves)
+                    if not length:
+                        continue
+                    x = [p[0] for p in curves[0][:length]]
+                    line, = ax.plot(x, np.mean([[p[1] for p in c[:length]] for c in curves], axis=0), ls=style,
+                                    color=color, lw=1.5 if style == "-" else 1.0, label=layer if style == "-" else None)
+                    color = line.get_color()
             ax.set(title=arm, xlabel="training tokens")
-        axes[0][0].set_ylabel("experts / token (dotted: target)")
+        axes[0][0].set_ylabel("experts / token (mean over seeds; dotted: k_l)")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         written.append(out.with_name(out.name + "_experts.png"))
