@@ -142,7 +142,9 @@ def summarize_run(client: Any, run: Any) -> RunSummary:
         run_id=run_id, name=run.info.run_name or run_id[:8], method=method_name(params),
         val_loss=metrics.get("val/loss"),
         active_experts=metrics.get("routing/active_mean", fixed_active_experts(params)),
-        params_total=_int(params.get("params/total")), params_active=_int(params.get("params/active")),
+        params_total=_int(params.get("params/total")),
+        # Realised (the routers' counts over the last window) where the count varies, else the design's.
+        params_active=_int(metrics.get("compute/active_params", params.get("params/active"))),
         tokens_per_sec=statistics.median(speeds) if speeds else None, core=metrics.get("core/CORE"),
         curve=[(step, tokens_at(step), loss) for step, loss in val])
 

@@ -351,6 +351,7 @@ def two_runs(store) -> list[str]:
     for step, tokens in [(10, 400.0), (20, 1000.0)]:
         client.log_metric(ids[1], "routing/tokens_seen", tokens, step=step)
     client.log_metric(ids[1], "routing/active_mean", 1.5, step=20)
+    client.log_metric(ids[1], "compute/active_params", 2504000.0, step=20)  # realised, below the design's
     client.log_metric(ids[1], "core/CORE", 0.0123, step=20)
     return ids
 
@@ -364,9 +365,9 @@ def test_report_table_and_curves_for_two_runs(store, two_runs, tmp_path, capsys)
     out = capsys.readouterr().out.splitlines()
     soft, topk = out[2], out[3]
     assert soft.split()[:2] == ["soft", "SoftTopKRouter(K=6.0"]
-    for cell in ("5.4000", "1.50", "6.89M", "3.06M", "200", "0.0123"):  # median tokens/s of 100, 300, 200
+    for cell in ("5.4000", "1.50", "6.89M", "2.50M", "200", "0.0123"):  # median tokens/s of 100, 300, 200
         assert cell in soft, cell
-    assert "TopKRouter(top_k=2) + SwiGLUExperts" in topk and "5.5000" in topk
+    assert "TopKRouter(top_k=2) + SwiGLUExperts" in topk and "5.5000" in topk and "3.06M" in topk
     assert "2.00" in topk and "200" in topk  # dropless top-2: k active experts; median tokens/s
     assert topk.rstrip().endswith("-")  # no CORE
     # Tokens: the soft run's logged counts; the top-k run's (step + 1) × batch × seq_len = (step + 1) × 32,
