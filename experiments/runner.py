@@ -5,7 +5,8 @@
     python experiments/runner.py run experiments/gpu_arms.yaml --only top-2,softmoe --seeds 1
 
 An arm set (YAML, see experiments/cpu_arms.yaml) names a base config and overrides per arm,
-overrides shared by all arms (steps, data, size), the seeds and the baseline arm. Every arm
+overrides shared by all arms (steps, data, size), the seeds, the baseline arm and optional
+further `pairs` ([arm, reference]) to compare. Every arm
 sees the same tokens: the same data files, batch, sequence length and steps, with the data
 order and initialisation drawn from the seed, so arm-vs-baseline differences are paired by seed.
 
@@ -16,7 +17,7 @@ checkpoints to <workdir>/<arm>/seed_<s>/.
 
 The report (markdown table + figures, `--out`): final val loss, CORE, realised active experts
 per layer, FLOPs and tokens/s as mean ± sd over seeds; per arm the paired differences against
-the baseline with a two-sided sign test and an exact Wilcoxon signed-rank test; figures of val
+the baseline (and for each listed pair) with a two-sided sign test and an exact Wilcoxon signed-rank test; figures of val
 loss vs tokens, realised experts per layer over training, and κ after training (κ arms).
 """
 
@@ -34,7 +35,7 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class ArmSet:
     baseline: str
     jobs: int
     arms: list[Arm]
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # further (arm, reference) comparisons
 
 
 _SELECTOR = re.compile(r"^(\w+)\[(\w+)\]$")
@@ -138,7 +140,12 @@ def load_arm_set(path: Path, shared: Path) -> ArmSet:
         for key, value in {**(spec.get("overrides") or {}), **(arm.get("overrides") or {})}.items():
             set_override(config, key, expand(value))
         arms.append(Arm(name, config))
-    return ArmSet(spec["name"], [int(s) for s in spec["seeds"]], spec["baseline"], int(spec.get("jobs", 1)), arms)
+    pairs = [tuple(pair) for pair in spec.get("pairs") or []]
+    bad = [pair for pair in pairs if len(pair) != 2 or not set(pair) <= set(spec["arms"])]
+    if bad:
+        raise ArmSetError(f"arm set {path}: pairs {bad} must each name two of its arms {list(spec['arms'])}.")
+    return ArmSet(spec["name"], [int(s) for s in spec["seeds"]], spec["baseline"], int(spec.get("jobs", 1)), arms,
+                  pairs)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -357,21 +364,21 @@ def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
                      f"{_fmt(*mean_sd([r.flops_per_token / 1e9 for r in runs]), digits=4)} | "
                      f"{_fmt(*mean_sd([r.tokens_per_sec for r in runs]), digits=0)} | "
                      f"{statistics.fmean(r.tokens for r in runs):.3g} |")
-    base = {r.seed: r for r in by_arm.get(arm_set.baseline, [])}
-    lines += ["", f"Paired by seed against `{arm_set.baseline}` (Δ = arm − baseline; val loss: lower is better, "
-              "CORE: higher is better; p: two-sided, exact):", "",
-              "| arm | metric | Δ per seed | mean Δ ± sd | arm better | sign test p | Wilcoxon p |",
-              "|---|---|---|---|---|---|---|"]
-    for arm, runs in by_arm.items():
-        if arm == arm_set.baseline:
-            continue
+    comparisons = [(arm, arm_set.baseline) for arm in by_arm if arm != arm_set.baseline] + arm_set.pairs
+    lines += ["", "Paired by seed (Δ = arm − reference; val loss: lower is better, CORE: higher is better; "
+              f"p: two-sided, exact); the reference is the baseline `{arm_set.baseline}` unless named:", "",
+              "| arm | reference | metric | Δ per seed | mean Δ ± sd | arm better | sign test p | Wilcoxon p |",
+              "|---|---|---|---|---|---|---|---|"]
+    for arm, reference in comparisons:
+        base = {r.seed: r for r in by_arm.get(reference, [])}
         for metric, better_low in (("val_loss", True), ("core", False)):
-            pairs = [(r.seed, getattr(r, metric) - getattr(base[r.seed], metric)) for r in runs if r.seed in base]
+            pairs = [(r.seed, getattr(r, metric) - getattr(base[r.seed], metric))
+                     for r in by_arm.get(arm, []) if r.seed in base]
             diffs = [d for _, d in pairs if math.isfinite(d)]
             if not diffs:
                 continue
             better = sum((d < 0) if better_low else (d > 0) for d in diffs)
-            lines.append(f"| {arm} | {'val loss' if better_low else 'CORE'} | "
+            lines.append(f"| {arm} | {reference} | {'val loss' if better_low else 'CORE'} | "
                          f"{', '.join(f'{d:+.4f} (s{s})' for s, d in pairs)} | {_fmt(*mean_sd(diffs), signed=True)} | "
                          f"{better}/{len(diffs)} | {sign_test(diffs):.3f} | {wilcoxon_signed_rank(diffs):.3f} |")
     n = max((len(runs) for runs in by_arm.values()), default=0)
@@ -542,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                 if unknown:
                     raise ArmSetError(f"--only: no arm {unknown} in {args.arm_set}; its arms are {[a.name for a in arm_set.arms]}.")
                 selected = ArmSet(arm_set.name, arm_set.seeds, arm_set.baseline, arm_set.jobs,
-                                  [arm for arm in arm_set.arms if arm.name in names])
+                                  [arm for arm in arm_set.arms if arm.name in names], arm_set.pairs)
             failed = run_all(selected, workdir, args.jobs or arm_set.jobs)
             if failed:
                 print(f"runs failed: {failed}; their train.log files say why. Rerun to retry only these.", file=sys.stderr)

@@ -56,6 +56,10 @@ def test_arm_set_mistakes_are_named(tmp_path):
     path.write_text(yaml.safe_dump({"name": "x", "seeds": [1], "baseline": "b", "arms": {"a": {"config": "conf/tiny.yaml"}}}))
     with pytest.raises(runner.ArmSetError, match="baseline 'b' is not one of its arms"):
         runner.load_arm_set(path, tmp_path)
+    path.write_text(yaml.safe_dump({"name": "x", "seeds": [1], "baseline": "a", "arms": {"a": {"config": "conf/tiny.yaml"}},
+                                    "pairs": [["a", "z"]]}))
+    with pytest.raises(runner.ArmSetError, match="must each name two of its arms"):
+        runner.load_arm_set(path, tmp_path)
     path.write_text(yaml.safe_dump({"name": "x", "seeds": [1], "baseline": "a", "arms": {"a": {"config": "conf/nope.yaml"}}}))
     with pytest.raises(runner.ArmSetError, match="conf/nope.yaml does not exist"):
         runner.load_arm_set(path, tmp_path)
@@ -90,6 +94,7 @@ def test_tiny_arm_set_runs_reports_and_resumes(tmp_path, capsys):
             "data.seq_len": 32, "data.batch_size": 4, "data.vocab_size": 320,
             "data.train_files": "{shared}/train.jsonl", "data.val_files": "{shared}/val.jsonl"}
     spec = {"name": "tiny-set", "seeds": [1, 2], "baseline": "top-2", "jobs": 2, "overrides": tiny,
+            "pairs": [["top-2", "soft-kappa"]],
             "arms": {"top-2": {"config": "conf/tiny.yaml"},
                      "soft-kappa": {"config": "conf/tiny_softmoe_kappa.yaml",
                                     "overrides": {"model.config.budget.total": 3.0,
@@ -113,8 +118,10 @@ def test_tiny_arm_set_runs_reports_and_resumes(tmp_path, capsys):
     # The paired row is the difference of the two seeds' own val losses.
     diffs = [next(r.val_loss for r in results if r.arm == "soft-kappa" and r.seed == s)
              - next(r.val_loss for r in results if r.arm == "top-2" and r.seed == s) for s in (1, 2)]
-    row = next(line for line in table.splitlines() if line.startswith("| soft-kappa | val loss"))
+    row = next(line for line in table.splitlines() if line.startswith("| soft-kappa | top-2 | val loss"))
     assert f"{diffs[0]:+.4f} (s1)" in row and f"{diffs[1]:+.4f} (s2)" in row
+    reverse = next(line for line in table.splitlines() if line.startswith("| top-2 | soft-kappa | val loss"))
+    assert f"{-diffs[0]:+.4f} (s1)" in reverse and f"{-diffs[1]:+.4f} (s2)" in reverse
     assert "| top-2 | 2 |" in table and "κ after training" in table
     for suffix in ("_loss.png", "_experts.png", "_kappa.png"):
         assert (tmp_path / f"r{suffix}").stat().st_size > 1000
