@@ -367,8 +367,8 @@ def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
     comparisons = [(arm, arm_set.baseline) for arm in by_arm if arm != arm_set.baseline] + arm_set.pairs
     lines += ["", "Paired by seed (Δ = arm − reference; val loss: lower is better, CORE: higher is better; "
               f"p: two-sided, exact); the reference is the baseline `{arm_set.baseline}` unless named:", "",
-              "| arm | reference | metric | Δ per seed | mean Δ ± sd | arm better | sign test p | Wilcoxon p |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| arm | reference | metric | Δ per seed | mean Δ ± sd | median Δ | arm better | sign test p | Wilcoxon p |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm, reference in comparisons:
         base = {r.seed: r for r in by_arm.get(reference, [])}
         for metric, better_low in (("val_loss", True), ("core", False)):
@@ -380,6 +380,7 @@ def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
             better = sum((d < 0) if better_low else (d > 0) for d in diffs)
             lines.append(f"| {arm} | {reference} | {'val loss' if better_low else 'CORE'} | "
                          f"{', '.join(f'{d:+.4f} (s{s})' for s, d in pairs)} | {_fmt(*mean_sd(diffs), signed=True)} | "
+                         f"{statistics.median(diffs):+.4f} | "
                          f"{better}/{len(diffs)} | {sign_test(diffs):.3f} | {wilcoxon_signed_rank(diffs):.3f} |")
     n = max((len(runs) for runs in by_arm.values()), default=0)
     lines += ["", f"With n = {n} seeds the smallest two-sided p either test can give is {2 / 2 ** n:.3f}."
@@ -457,6 +458,27 @@ def report_figures(arm_set: ArmSet, results: list[RunResult], out: Path) -> tupl
     written.append(out.with_name(out.name + "_loss.png"))
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+    # Paired val-loss differences, one dot per seed: the spread the mean ± sd summarises.
+    by_seed = {(r.arm, r.seed): r.val_loss for r in results}
+    comparisons = [(arm, arm_set.baseline) for arm in arms if arm != arm_set.baseline] + [
+        (a, b) for a, b in arm_set.pairs if a in arms and b in arms]
+    if comparisons:
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(comparisons) + 1.2))
+        for row, (arm, reference) in enumerate(comparisons):
+            seeds = sorted(s for a, s in by_seed if a == arm and (reference, s) in by_seed)
+            diffs = [by_seed[arm, s] - by_seed[reference, s] for s in seeds]
+            ax.scatter(diffs, [row] * len(diffs), s=18, alpha=0.8)
+            if diffs:
+                ax.plot([statistics.median(diffs)] * 2, [row - 0.3, row + 0.3], color="k", lw=1.5)
+        ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(range(len(comparisons)), [f"{a} − {b}" for a, b in comparisons], fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel="Δ val loss per seed (bar: median; left of 0: arm better)",
+               title=f"{arm_set.name}: paired differences")
+        fig.tight_layout()
+        written.append(out.with_name(out.name + "_paired.png"))
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
     # Realised experts per layer over training, for the arms whose count varies.
     varying = [arm.name for arm in arm_set.arms if arm.name in arms and count_varies(arm)]
     if varying:

@@ -120,10 +120,11 @@ def test_tiny_arm_set_runs_reports_and_resumes(tmp_path, capsys):
              - next(r.val_loss for r in results if r.arm == "top-2" and r.seed == s) for s in (1, 2)]
     row = next(line for line in table.splitlines() if line.startswith("| soft-kappa | top-2 | val loss"))
     assert f"{diffs[0]:+.4f} (s1)" in row and f"{diffs[1]:+.4f} (s2)" in row
+    assert f"| {(diffs[0] + diffs[1]) / 2:+.4f} |" in row  # the median of two is their mean
     reverse = next(line for line in table.splitlines() if line.startswith("| top-2 | soft-kappa | val loss"))
     assert f"{-diffs[0]:+.4f} (s1)" in reverse and f"{-diffs[1]:+.4f} (s2)" in reverse
     assert "| top-2 | 2 |" in table and "κ after training" in table
-    for suffix in ("_loss.png", "_experts.png", "_kappa.png"):
+    for suffix in ("_loss.png", "_paired.png", "_experts.png", "_kappa.png"):
         assert (tmp_path / f"r{suffix}").stat().st_size > 1000
     # Run again: nothing is retrained. Change one arm: only its seeds run.
     assert runner.main(args) == 0
