@@ -293,6 +293,7 @@ class RunResult:
     flops_per_token: float
     active: list[float]           # realised experts per token per MoE layer, last quarter of training
     target: list[float]           # the design's per layer (budget k_l or router k)
+    active_max: float             # most experts any token got in any layer, over training
     val_curve: list[tuple[float, float]]   # (tokens, val loss)
     active_curves: dict[str, list[tuple[float, float]]]  # layer → (tokens, realised experts)
     target_curves: dict[str, list[tuple[float, float]]]  # layer → (tokens, design k_l)
@@ -324,15 +325,18 @@ def collect(workdir: Path, arm_set: ArmSet) -> list[RunResult]:
             active = [_tail_mean(active_curves[layer]) for layer in layers]
             target = [metrics.get(f"compute/{layer}/target_experts", math.nan) for layer in layers]
             flops = _tail_mean(_history(client, rid, "compute/flops_per_token"))
+            active_max = max((v for layer in layers
+                              for _, v in _history(client, rid, f"routing/{layer}/active_max")), default=math.nan)
         else:  # a count that cannot vary (dropless top-k) is logged only as design params
             n = int(params.get("params/moe_layers", 0))
             active = target = [float(params.get("params/active_experts", math.nan)) / n] * n if n else []
             flops = float(params.get("params/flops_per_token", math.nan))
+            active_max = max(active, default=math.nan)
         results.append(RunResult(
             arm=arm, seed=seed, val_loss=metrics.get("val/loss", math.nan), core=metrics.get("core/CORE", math.nan),
             tokens=metrics.get("routing/tokens_seen", math.nan),
             tokens_per_sec=statistics.median(v for _, v in _history(client, rid, "throughput/tokens_per_sec") or [(0, math.nan)]),
-            flops_per_token=flops, active=active, target=target,
+            flops_per_token=flops, active=active, target=target, active_max=active_max,
             val_curve=[((step + 1) * tokens_per_step, v) for step, v in _history(client, rid, "val/loss")],
             active_curves=active_curves, target_curves=target_curves, checkpoint_dir=workdir / arm / f"seed_{seed}"))
     return results
@@ -349,11 +353,11 @@ def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
     by_arm = {arm.name: [r for r in results if r.arm == arm.name] for arm in arm_set.arms}
     lines = [f"Arm set `{arm_set.name}`: mean ± sd over seeds (n = seeds finished).", "",
              "| arm | n | val loss | CORE (mini) | realised experts / token, per layer | total (target) | "
-             "GFLOPs / token | tokens / s | tokens |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "max / token | GFLOPs / token | tokens / s | tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, runs in by_arm.items():
         if not runs:
-            lines.append(f"| {arm} | 0 | not run | | | | | | |")
+            lines.append(f"| {arm} | 0 | not run | | | | | | | |")
             continue
         layers = len(runs[0].active)
         per_layer = ", ".join(f"{statistics.fmean(r.active[i] for r in runs):.2f}" for i in range(layers))
@@ -361,6 +365,7 @@ def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
         target = statistics.fmean(sum(r.target) for r in runs)
         lines.append(f"| {arm} | {len(runs)} | {_fmt(*mean_sd([r.val_loss for r in runs]))} | "
                      f"{_fmt(*mean_sd([r.core for r in runs]))} | {per_layer} | {total:.2f} ({target:.2f}) | "
+                     f"{max(r.active_max for r in runs):g} | "
                      f"{_fmt(*mean_sd([r.flops_per_token / 1e9 for r in runs]), digits=4)} | "
                      f"{_fmt(*mean_sd([r.tokens_per_sec for r in runs]), digits=0)} | "
                      f"{statistics.fmean(r.tokens for r in runs):.3g} |")

@@ -115,6 +115,9 @@ def test_tiny_arm_set_runs_reports_and_resumes(tmp_path, capsys):
     top2 = [r for r in results if r.arm == "top-2"]
     assert all(r.active == [2.0, 2.0] and r.target == [2.0, 2.0] for r in top2)
     assert all(1.0 <= a <= 3.0 for r in results if r.arm == "soft-kappa" for a in r.active)
+    # No token gets more than the cap ⌈k_l·c⌉ (k_l ≤ K − (L − 1) = 2, c = 2); top-2 exactly 2.
+    assert all(r.active_max == 2.0 for r in top2)
+    assert all(max(r.active) <= r.active_max <= 4.0 for r in results if r.arm == "soft-kappa")
     # The paired row is the difference of the two seeds' own val losses.
     diffs = [next(r.val_loss for r in results if r.arm == "soft-kappa" and r.seed == s)
              - next(r.val_loss for r in results if r.arm == "top-2" and r.seed == s) for s in (1, 2)]
