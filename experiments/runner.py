@@ -349,6 +349,17 @@ def _fmt(mean: float, sd: float, digits: int = 4, signed: bool = False) -> str:
     return f"{mean:{'+' if signed else ''}.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
 
 
+def comparisons(arm_set: ArmSet) -> list[tuple[str, str]]:
+    """(arm, reference) pairs the report compares: every arm against the baseline, then `pairs`."""
+    return [(arm.name, arm_set.baseline) for arm in arm_set.arms if arm.name != arm_set.baseline] + arm_set.pairs
+
+
+def paired_diffs(results: list[RunResult], arm: str, reference: str, metric: str) -> list[tuple[int, float]]:
+    """(seed, arm − reference) of `metric` over the seeds both have finished."""
+    base = {r.seed: getattr(r, metric) for r in results if r.arm == reference}
+    return [(r.seed, getattr(r, metric) - base[r.seed]) for r in results if r.arm == arm and r.seed in base]
+
+
 def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
     by_arm = {arm.name: [r for r in results if r.arm == arm.name] for arm in arm_set.arms}
     lines = [f"Arm set `{arm_set.name}`: mean ± sd over seeds (n = seeds finished).", "",
@@ -369,16 +380,13 @@ def report_table(arm_set: ArmSet, results: list[RunResult]) -> str:
                      f"{_fmt(*mean_sd([r.flops_per_token / 1e9 for r in runs]), digits=4)} | "
                      f"{_fmt(*mean_sd([r.tokens_per_sec for r in runs]), digits=0)} | "
                      f"{statistics.fmean(r.tokens for r in runs):.3g} |")
-    comparisons = [(arm, arm_set.baseline) for arm in by_arm if arm != arm_set.baseline] + arm_set.pairs
     lines += ["", "Paired by seed (Δ = arm − reference; val loss: lower is better, CORE: higher is better; "
               f"p: two-sided, exact); the reference is the baseline `{arm_set.baseline}` unless named:", "",
               "| arm | reference | metric | Δ per seed | mean Δ ± sd | median Δ | arm better | sign test p | Wilcoxon p |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for arm, reference in comparisons:
-        base = {r.seed: r for r in by_arm.get(reference, [])}
+    for arm, reference in comparisons(arm_set):
         for metric, better_low in (("val_loss", True), ("core", False)):
-            pairs = [(r.seed, getattr(r, metric) - getattr(base[r.seed], metric))
-                     for r in by_arm.get(arm, []) if r.seed in base]
+            pairs = paired_diffs(results, arm, reference, metric)
             diffs = [d for _, d in pairs if math.isfinite(d)]
             if not diffs:
                 continue
@@ -464,19 +472,16 @@ def report_figures(arm_set: ArmSet, results: list[RunResult], out: Path) -> tupl
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
     # Paired val-loss differences, one dot per seed: the spread the mean ± sd summarises.
-    by_seed = {(r.arm, r.seed): r.val_loss for r in results}
-    comparisons = [(arm, arm_set.baseline) for arm in arms if arm != arm_set.baseline] + [
-        (a, b) for a, b in arm_set.pairs if a in arms and b in arms]
-    if comparisons:
-        fig, ax = plt.subplots(figsize=(7, 0.45 * len(comparisons) + 1.2))
-        for row, (arm, reference) in enumerate(comparisons):
-            seeds = sorted(s for a, s in by_seed if a == arm and (reference, s) in by_seed)
-            diffs = [by_seed[arm, s] - by_seed[reference, s] for s in seeds]
+    shown = [(a, b) for a, b in comparisons(arm_set) if a in arms and b in arms]
+    if shown:
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.2))
+        for row, (arm, reference) in enumerate(shown):
+            diffs = [d for _, d in paired_diffs(results, arm, reference, "val_loss")]
             ax.scatter(diffs, [row] * len(diffs), s=18, alpha=0.8)
             if diffs:
                 ax.plot([statistics.median(diffs)] * 2, [row - 0.3, row + 0.3], color="k", lw=1.5)
         ax.axvline(0.0, color="grey", lw=0.8, ls="--")
-        ax.set_yticks(range(len(comparisons)), [f"{a} − {b}" for a, b in comparisons], fontsize=8)
+        ax.set_yticks(range(len(shown)), [f"{a} − {b}" for a, b in shown], fontsize=8)
         ax.invert_yaxis()
         ax.set(xlabel="Δ val loss per seed (bar: median; left of 0: arm better)",
                title=f"{arm_set.name}: paired differences")
